@@ -1,0 +1,252 @@
+//! The router: a decoded request plus the shard's context in, a response (now,
+//! or a future for work done on another thread) out. Engine-agnostic: the
+//! glommio shards and any other engine call [`handle`] and write what it
+//! returns. Order of checks follows API.md: framing errors are decided by the
+//! codec before this point; then routing (404/405), then the route's handler.
+//!
+//! Where a request goes: [`route`] maps method and path to a [`Route`] and its
+//! handler; handlers live in one file per area (`ops.rs`, ...).
+
+mod error;
+mod ops;
+
+pub use error::ApiError;
+
+use crate::config::Config;
+use crate::http::{HttpError, Method, Request, Response};
+use crate::metrics::ShardMetrics;
+use crate::store::QueryPool;
+use crate::topology::CorePlan;
+use std::cell::Cell;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Everything shards share, immutable after start (plus thread-safe handles).
+pub struct Shared {
+    pub config: Config,
+    pub plan: CorePlan,
+    pub started: Instant,
+    pub engine: &'static str,
+    pub queries: QueryPool,
+    /// One entry per shard, indexed by shard id.
+    pub metrics: Vec<Arc<ShardMetrics>>,
+}
+
+/// One shard's context: owned by its thread, never shared.
+pub struct ShardCtx {
+    pub id: usize,
+    pub shared: Arc<Shared>,
+    pub metrics: Arc<ShardMetrics>,
+    /// Set at shutdown: answers carry `Connection: close`.
+    pub draining: Cell<bool>,
+    /// Requests being handled right now (shutdown waits for them).
+    pub in_flight: Cell<usize>,
+    /// Open connections on this shard.
+    pub connections: Cell<usize>,
+    request_prefix: u64,
+    request_seq: Cell<u64>,
+}
+
+impl ShardCtx {
+    pub fn new(id: usize, shared: Arc<Shared>) -> ShardCtx {
+        let metrics = shared.metrics[id].clone();
+        let random = uuid::Uuid::new_v4().as_u64_pair().0;
+        ShardCtx {
+            id,
+            shared,
+            metrics,
+            draining: Cell::new(false),
+            in_flight: Cell::new(0),
+            connections: Cell::new(0),
+            request_prefix: random,
+            request_seq: Cell::new(0),
+        }
+    }
+
+    fn new_request_id(&self) -> String {
+        let n = self.request_seq.get().wrapping_add(1);
+        self.request_seq.set(n);
+        format!("{:016x}{:08x}", self.request_prefix, n)
+    }
+
+    /// The client's `X-Request-ID` when it is 1–128 chars of `[A-Za-z0-9._:-]`, else a new one.
+    pub fn request_id(&self, req: &Request) -> String {
+        match req.header("x-request-id") {
+            Some(v)
+                if !v.is_empty()
+                    && v.len() <= 128
+                    && v.iter().all(|&b| {
+                        b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-')
+                    }) =>
+            {
+                String::from_utf8_lossy(v).into_owned()
+            }
+            _ => self.new_request_id(),
+        }
+    }
+}
+
+/// Routes, for dispatch and per-route metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Health,
+    HealthReady,
+    Status,
+    Metrics,
+    /// No route matched (404) or the request never reached routing.
+    Unmatched,
+}
+
+impl Route {
+    pub const ALL: [Route; 5] = [
+        Route::Health,
+        Route::HealthReady,
+        Route::Status,
+        Route::Metrics,
+        Route::Unmatched,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Route::Health => "/health",
+            Route::HealthReady => "/health/ready",
+            Route::Status => "/status",
+            Route::Metrics => "/metrics",
+            Route::Unmatched => "unmatched",
+        }
+    }
+}
+
+/// What a handler produced: an answer now, or later from another thread.
+pub enum Handled {
+    Ready(Result<Response, ApiError>),
+    Pending(Pin<Box<dyn Future<Output = Result<Response, ApiError>>>>),
+}
+
+type Handler = fn(&Rc<ShardCtx>, &Request) -> Handled;
+
+/// What the engine does with a request.
+pub enum Reply {
+    Ready(Response),
+    /// Await `future`; if it takes longer than the request timeout, send
+    /// `timeout` instead (see [`Pending::timed_out`]).
+    Pending(Pending),
+}
+
+pub struct Pending {
+    pub future: Pin<Box<dyn Future<Output = Response>>>,
+    route: Route,
+    request_id: String,
+    ctx: Rc<ShardCtx>,
+}
+
+impl Pending {
+    /// The answer when the work did not finish within the request timeout.
+    pub fn timed_out(self) -> Response {
+        let r = ApiError::unavailable("The request could not be completed in time.", 1)
+            .into_response(&self.request_id);
+        finish(&self.ctx, self.route, &self.request_id, r)
+    }
+}
+
+/// Maps method and path to a route and its handler.
+fn route(method: Method, path: &str) -> Result<(Route, Handler), ApiError> {
+    let (route, allow, handler): (Route, &'static str, Handler) = match path {
+        "/health" => (Route::Health, "GET", ops::health),
+        "/health/ready" => (Route::HealthReady, "GET", ops::ready),
+        "/status" => (Route::Status, "GET", ops::status),
+        "/metrics" => (Route::Metrics, "GET", ops::metrics),
+        _ => return Err(ApiError::not_found()),
+    };
+    if method != Method::Get {
+        return Err(ApiError::method_not_allowed(allow));
+    }
+    Ok((route, handler))
+}
+
+/// The largest body accepted for a method and path (the codec enforces it).
+pub fn body_limit(config: &Config, _method: Method, path: &str) -> usize {
+    if path == "/api/events/batch" {
+        config.ingest.max_batch_body_bytes
+    } else {
+        config.ingest.max_body_bytes
+    }
+}
+
+/// Handles one request.
+pub fn handle(ctx: &Rc<ShardCtx>, req: Request) -> Reply {
+    let request_id = ctx.request_id(&req);
+    let (route, handler) = match route(req.method, req.path()) {
+        Ok(found) => found,
+        Err(e) => {
+            let r = e.into_response(&request_id);
+            return Reply::Ready(finish(ctx, Route::Unmatched, &request_id, r));
+        }
+    };
+    match handler(ctx, &req) {
+        Handled::Ready(result) => {
+            let r = result.unwrap_or_else(|e| e.into_response(&request_id));
+            Reply::Ready(finish(ctx, route, &request_id, r))
+        }
+        Handled::Pending(future) => {
+            let c = ctx.clone();
+            let id = request_id.clone();
+            Reply::Pending(Pending {
+                future: Box::pin(async move {
+                    let r = future.await.unwrap_or_else(|e| e.into_response(&id));
+                    finish(&c, route, &id, r)
+                }),
+                route,
+                request_id,
+                ctx: ctx.clone(),
+            })
+        }
+    }
+}
+
+/// The answer to a request the codec could not frame (400, 413, 431).
+pub fn framing_error(ctx: &ShardCtx, e: &HttpError) -> Response {
+    let id = ctx.new_request_id();
+    finish(ctx, Route::Unmatched, &id, ApiError::from_framing(e).into_response(&id))
+}
+
+/// The answer to a request not received within the request timeout.
+pub fn request_timeout(ctx: &ShardCtx) -> Response {
+    let id = ctx.new_request_id();
+    finish(ctx, Route::Unmatched, &id, ApiError::request_timeout().into_response(&id))
+}
+
+/// The answer when the shard is at its connection limit.
+pub fn too_many_connections(ctx: &ShardCtx) -> Response {
+    let id = ctx.new_request_id();
+    let mut r = ApiError::overloaded(1).into_response(&id);
+    r.close = true;
+    finish(ctx, Route::Unmatched, &id, r)
+}
+
+fn finish(ctx: &ShardCtx, route: Route, request_id: &str, mut r: Response) -> Response {
+    r.headers.push(("x-request-id", request_id.to_string()));
+    if ctx.draining.get() {
+        r.close = true;
+    }
+    ctx.metrics.request(route, r.status);
+    r
+}
+
+/// The token of `Authorization: Bearer <token>`, if present.
+pub fn bearer(req: &Request) -> Option<&str> {
+    let v = req.header_str("authorization")?.trim();
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Compares secrets without an early exit on the first differing byte.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,13 @@
+//! Triggers: a thread-per-core event-ingestion server backed by PostgreSQL.
+//!
+//! Start reading at `server.rs` (start-up and shutdown), then `shard/` (the
+//! glommio executors and the connection loop) and `api/mod.rs` (the router).
+
+pub mod api;
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod server;
+pub mod shard;
+pub mod store;
+pub mod topology;

@@ -1,0 +1,168 @@
+//! Per-shard counters and gauges, rendered as Prometheus text.
+//!
+//! Each shard owns one [`ShardMetrics`]; only that shard's thread writes it
+//! (a relaxed load and store: no lock-prefixed read-modify-write, no cache
+//! line shared between writers). A scrape on any shard reads every shard's
+//! values and prints them labelled by shard.
+
+use crate::api::Route;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+/// A counter written by exactly one thread.
+#[derive(Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.0.store(self.0.load(Relaxed).wrapping_add(n), Relaxed);
+    }
+
+    #[inline]
+    pub fn inc(&self) {
+        self.add(1);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// A gauge written by exactly one thread.
+#[derive(Default)]
+pub struct Gauge(AtomicI64);
+
+impl Gauge {
+    #[inline]
+    pub fn add(&self, n: i64) {
+        self.0.store(self.0.load(Relaxed).wrapping_add(n), Relaxed);
+    }
+
+    pub fn get(&self) -> i64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// Status codes with their own series; anything else counts as `other`.
+const STATUSES: [u16; 21] = [
+    100, 200, 201, 202, 204, 400, 401, 403, 404, 405, 408, 409, 413, 415, 422, 429, 431, 500,
+    501, 503, 504,
+];
+const STATUS_SLOTS: usize = STATUSES.len() + 1;
+
+fn status_slot(status: u16) -> usize {
+    STATUSES
+        .iter()
+        .position(|&s| s == status)
+        .unwrap_or(STATUSES.len())
+}
+
+pub struct ShardMetrics {
+    pub shard: usize,
+    pub core: usize,
+    requests: Vec<Counter>,
+    pub connections_open: Gauge,
+    pub connections_accepted: Counter,
+    pub connections_refused: Counter,
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
+    pub cross_shard_messages: Counter,
+}
+
+impl ShardMetrics {
+    pub fn new(shard: usize, core: usize) -> ShardMetrics {
+        ShardMetrics {
+            shard,
+            core,
+            requests: (0..Route::ALL.len() * STATUS_SLOTS)
+                .map(|_| Counter::default())
+                .collect(),
+            connections_open: Gauge::default(),
+            connections_accepted: Counter::default(),
+            connections_refused: Counter::default(),
+            bytes_in: Counter::default(),
+            bytes_out: Counter::default(),
+            cross_shard_messages: Counter::default(),
+        }
+    }
+
+    #[inline]
+    pub fn request(&self, route: Route, status: u16) {
+        self.requests[route as usize * STATUS_SLOTS + status_slot(status)].inc();
+    }
+
+    pub fn requests(&self, route: Route, status: u16) -> u64 {
+        self.requests[route as usize * STATUS_SLOTS + status_slot(status)].get()
+    }
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// Renders every shard's metrics as Prometheus text.
+pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
+    let mut out = String::with_capacity(4096);
+    family(
+        &mut out,
+        "triggers_http_requests_total",
+        "counter",
+        "Requests answered, by shard, route and status.",
+    );
+    for m in shards {
+        for route in Route::ALL {
+            for (slot, status) in STATUSES.iter().map(|s| s.to_string()).chain(["other".to_string()]).enumerate() {
+                let n = m.requests[route as usize * STATUS_SLOTS + slot].get();
+                if n > 0 {
+                    let _ = writeln!(
+                        out,
+                        "triggers_http_requests_total{{shard=\"{}\",route=\"{}\",status=\"{}\"}} {}",
+                        m.shard,
+                        route.as_str(),
+                        status,
+                        n
+                    );
+                }
+            }
+        }
+    }
+    let simple: [(&str, &str, &str, fn(&ShardMetrics) -> i64); 6] = [
+        ("triggers_connections_open", "gauge", "Open client connections.", |m| m.connections_open.get()),
+        ("triggers_connections_accepted_total", "counter", "Client connections accepted.", |m| m.connections_accepted.get() as i64),
+        ("triggers_connections_refused_total", "counter", "Connections closed at once because the shard was at its connection limit.", |m| m.connections_refused.get() as i64),
+        ("triggers_bytes_in_total", "counter", "Bytes read from clients.", |m| m.bytes_in.get() as i64),
+        ("triggers_bytes_out_total", "counter", "Bytes written to clients.", |m| m.bytes_out.get() as i64),
+        ("triggers_cross_shard_messages_total", "counter", "Messages a shard sent to another shard to settle a request.", |m| m.cross_shard_messages.get() as i64),
+    ];
+    for (name, kind, help, get) in simple {
+        family(&mut out, name, kind, help);
+        for m in shards {
+            let _ = writeln!(out, "{name}{{shard=\"{}\",core=\"{}\"}} {}", m.shard, m.core, get(m));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn renders_labelled_series() {
+        let a = Arc::new(ShardMetrics::new(0, 0));
+        let b = Arc::new(ShardMetrics::new(1, 1));
+        a.request(Route::Health, 200);
+        a.request(Route::Health, 200);
+        b.request(Route::Unmatched, 404);
+        b.request(Route::Unmatched, 599);
+        b.connections_open.add(3);
+        let text = render(&[a, b]);
+        assert!(text.contains("triggers_http_requests_total{shard=\"0\",route=\"/health\",status=\"200\"} 2"));
+        assert!(text.contains("triggers_http_requests_total{shard=\"1\",route=\"unmatched\",status=\"404\"} 1"));
+        assert!(text.contains("status=\"other\"} 1"));
+        assert!(text.contains("triggers_connections_open{shard=\"1\",core=\"1\"} 3"));
+    }
+}

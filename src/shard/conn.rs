@@ -1,0 +1,171 @@
+//! One client connection: read bytes, run the codec, hand each request to the
+//! router, write responses in request order. Enforces the request timeout
+//! (408 and close), the idle keep-alive timeout, and closes after framing
+//! errors. Nothing a client sends can panic this loop: the codec returns
+//! errors, and handlers never unwrap input-derived data.
+
+use crate::api::{self, Reply, ShardCtx};
+use crate::http::{Decoded, Decoder, InBuf, Limits, Response, CONTINUE_100};
+use futures::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+use std::io::ErrorKind;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// Bytes asked of each read.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Keeps the shard's connection count and gauge true however the task ends.
+struct Open(Rc<ShardCtx>);
+
+impl Open {
+    fn new(ctx: Rc<ShardCtx>) -> Open {
+        ctx.connections.set(ctx.connections.get() + 1);
+        ctx.metrics.connections_open.add(1);
+        ctx.metrics.connections_accepted.inc();
+        Open(ctx)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.connections.set(self.0.connections.get() - 1);
+        self.0.metrics.connections_open.add(-1);
+    }
+}
+
+/// Marks a request in flight until dropped.
+struct InFlight<'a>(&'a ShardCtx);
+
+impl<'a> InFlight<'a> {
+    fn new(ctx: &'a ShardCtx) -> InFlight<'a> {
+        ctx.in_flight.set(ctx.in_flight.get() + 1);
+        InFlight(ctx)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.set(self.0.in_flight.get() - 1);
+    }
+}
+
+async fn write(stream: &mut TcpStream, ctx: &ShardCtx, out: &mut Vec<u8>) -> bool {
+    if out.is_empty() {
+        return true;
+    }
+    let ok = stream.write_all(out).await.is_ok();
+    ctx.metrics.bytes_out.add(out.len() as u64);
+    out.clear();
+    ok
+}
+
+/// Answers 503 and closes: the shard is at its connection limit.
+pub async fn refuse(mut stream: TcpStream, ctx: Rc<ShardCtx>) {
+    let mut out = Vec::new();
+    api::too_many_connections(&ctx).encode(&mut out, false);
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+    let _ = write(&mut stream, &ctx, &mut out).await;
+}
+
+pub async fn serve(mut stream: TcpStream, ctx: Rc<ShardCtx>) {
+    let _open = Open::new(ctx.clone());
+    let http = &ctx.shared.config.http;
+    let request_timeout = Duration::from_millis(http.request_timeout_ms);
+    let idle_timeout = Duration::from_millis(http.idle_timeout_ms);
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_write_timeout(Some(request_timeout));
+    let config = &ctx.shared.config;
+    let body_limit = |m, p: &str| api::body_limit(config, m, p);
+    let mut decoder = Decoder::new(Limits {
+        max_header_bytes: http.max_header_bytes,
+    });
+    let mut inbuf = InBuf::with_capacity(4096);
+    let mut out: Vec<u8> = Vec::with_capacity(4096);
+    let mut request_started: Option<Instant> = None;
+    'conn: loop {
+        loop {
+            match decoder.decode(&mut inbuf, &body_limit) {
+                Ok(Decoded::Request(req)) => {
+                    request_started = None;
+                    let keep_alive = req.keep_alive;
+                    let response = {
+                        let _in_flight = InFlight::new(&ctx);
+                        match api::handle(&ctx, req) {
+                            Reply::Ready(r) => r,
+                            Reply::Pending(mut pending) => {
+                                // Earlier pipelined answers go out now, not after the wait.
+                                if !write(&mut stream, &ctx, &mut out).await {
+                                    break 'conn;
+                                }
+                                let future = &mut pending.future;
+                                let done = glommio::timer::timeout(request_timeout, async move {
+                                    Ok(future.await)
+                                })
+                                .await;
+                                match done {
+                                    Ok(r) => r,
+                                    Err(_) => pending.timed_out(),
+                                }
+                            }
+                        }
+                    };
+                    let keep = keep_alive && !response.close;
+                    response.encode(&mut out, keep);
+                    if !keep {
+                        let _ = write(&mut stream, &ctx, &mut out).await;
+                        break 'conn;
+                    }
+                }
+                Ok(Decoded::Continue) => {
+                    out.extend_from_slice(CONTINUE_100);
+                    if !write(&mut stream, &ctx, &mut out).await {
+                        break 'conn;
+                    }
+                }
+                Ok(Decoded::Incomplete) => break,
+                Err(e) => {
+                    api::framing_error(&ctx, &e).encode(&mut out, false);
+                    let _ = write(&mut stream, &ctx, &mut out).await;
+                    break 'conn;
+                }
+            }
+        }
+        if !write(&mut stream, &ctx, &mut out).await {
+            break;
+        }
+        let timeout = if decoder.in_progress(&inbuf) {
+            let started = *request_started.get_or_insert_with(Instant::now);
+            match request_timeout.checked_sub(started.elapsed()) {
+                Some(left) if !left.is_zero() => left,
+                _ => {
+                    send_timeout(&mut stream, &ctx, &mut out).await;
+                    break;
+                }
+            }
+        } else {
+            idle_timeout
+        };
+        let _ = stream.set_read_timeout(Some(timeout));
+        match stream.read(inbuf.read_space(READ_CHUNK)).await {
+            Ok(0) => break,
+            Ok(n) => {
+                inbuf.commit(n);
+                ctx.metrics.bytes_in.add(n as u64);
+            }
+            Err(e) if e.kind() == ErrorKind::TimedOut => {
+                if decoder.in_progress(&inbuf) {
+                    send_timeout(&mut stream, &ctx, &mut out).await;
+                }
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+}
+
+async fn send_timeout(stream: &mut TcpStream, ctx: &ShardCtx, out: &mut Vec<u8>) {
+    let r: Response = api::request_timeout(ctx);
+    r.encode(out, false);
+    let _ = write(stream, ctx, out).await;
+}
