@@ -122,7 +122,7 @@ pub struct DeliveryConfig {
     pub allow_private_targets: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OpsConfig {
     /// When set, `GET /metrics` requires `Authorization: Bearer <token>`.
@@ -229,14 +229,6 @@ impl Default for DeliveryConfig {
     }
 }
 
-impl Default for OpsConfig {
-    fn default() -> OpsConfig {
-        OpsConfig {
-            metrics_token: String::new(),
-        }
-    }
-}
-
 /// A configuration problem, naming the key and the offending value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -312,22 +304,38 @@ impl Config {
             return Err(err("engine", &self.engine, "expected auto, glommio or may"));
         }
         if !matches!(self.ingest.ack.as_str(), "durable" | "memory") {
-            return Err(err("ingest.ack", &self.ingest.ack, "expected durable or memory"));
+            return Err(err(
+                "ingest.ack",
+                &self.ingest.ack,
+                "expected durable or memory",
+            ));
         }
         let positive: [(&str, u64); 14] = [
             ("http.max_header_bytes", self.http.max_header_bytes as u64),
             ("http.request_timeout_ms", self.http.request_timeout_ms),
             ("http.idle_timeout_ms", self.http.idle_timeout_ms),
-            ("http.max_connections_per_shard", self.http.max_connections_per_shard as u64),
+            (
+                "http.max_connections_per_shard",
+                self.http.max_connections_per_shard as u64,
+            ),
             ("http.listen_backlog", self.http.listen_backlog as u64),
             ("ingest.max_body_bytes", self.ingest.max_body_bytes as u64),
-            ("ingest.max_batch_body_bytes", self.ingest.max_batch_body_bytes as u64),
-            ("ingest.max_payload_bytes", self.ingest.max_payload_bytes as u64),
+            (
+                "ingest.max_batch_body_bytes",
+                self.ingest.max_batch_body_bytes as u64,
+            ),
+            (
+                "ingest.max_payload_bytes",
+                self.ingest.max_payload_bytes as u64,
+            ),
             ("ingest.ring_capacity", self.ingest.ring_capacity as u64),
             ("ingest.max_batch", self.ingest.max_batch as u64),
             ("database.query_workers", self.database.query_workers as u64),
             ("database.query_queue", self.database.query_queue as u64),
-            ("database.connect_timeout_ms", self.database.connect_timeout_ms),
+            (
+                "database.connect_timeout_ms",
+                self.database.connect_timeout_ms,
+            ),
             ("delivery.timeout_ms", self.delivery.timeout_ms),
         ];
         for (key, v) in positive {
@@ -361,7 +369,11 @@ impl Config {
         }
         if let CoreList::Named(name) = &self.cores.shards {
             if name != "auto" {
-                return Err(err("cores.shards", name, "expected \"auto\" or a list of core ids"));
+                return Err(err(
+                    "cores.shards",
+                    name,
+                    "expected \"auto\" or a list of core ids",
+                ));
             }
         }
         if let CoreList::Ids(ids) = &self.cores.shards {
@@ -389,19 +401,23 @@ impl Config {
     }
 
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
-        self.listen
-            .parse()
-            .map_err(|_| err("listen", &self.listen, "expected an address like 127.0.0.1:8080"))
+        self.listen.parse().map_err(|_| {
+            err(
+                "listen",
+                &self.listen,
+                "expected an address like 127.0.0.1:8080",
+            )
+        })
     }
 
     /// The effective configuration as TOML, secrets masked.
     pub fn to_masked_toml(&self) -> String {
-        let mut value = toml::Value::try_from(self).unwrap_or(toml::Value::Table(Default::default()));
+        let mut value =
+            toml::Value::try_from(self).unwrap_or(toml::Value::Table(Default::default()));
         for key in SECRET_KEYS {
             let (section, name) = key.split_once('.').unwrap_or(("", key));
-            if let Some(toml::Value::String(s)) = value
-                .get_mut(section)
-                .and_then(|t| t.get_mut(name))
+            if let Some(toml::Value::String(s)) =
+                value.get_mut(section).and_then(|t| t.get_mut(name))
             {
                 if !s.is_empty() {
                     *s = "********".into();
@@ -451,7 +467,10 @@ fn set_key(value: &mut toml::Value, key: &str, raw: &str, source: &str) -> Resul
             .get_mut(section)
             .and_then(|t| t.get_mut(name))
             .ok_or_else(unknown)?,
-        None => value.get_mut(key).filter(|v| !v.is_table()).ok_or_else(unknown)?,
+        None => value
+            .get_mut(key)
+            .filter(|v| !v.is_table())
+            .ok_or_else(unknown)?,
     };
     let parsed_inline = || -> Option<toml::Value> {
         let doc: toml::Table = toml::from_str(&format!("v = {raw}")).ok()?;
@@ -562,7 +581,11 @@ mod tests {
             ("TRIGGERS_INGEST_RING_CAPACITY", "0", "ingest.ring_capacity"),
             ("TRIGGERS_INGEST_ACK", "sometimes", "ingest.ack"),
             ("TRIGGERS_ENGINE", "tokio", "engine"),
-            ("TRIGGERS_HTTP_IDLE_TIMEOUT_MS", "soon", "TRIGGERS_HTTP_IDLE_TIMEOUT_MS"),
+            (
+                "TRIGGERS_HTTP_IDLE_TIMEOUT_MS",
+                "soon",
+                "TRIGGERS_HTTP_IDLE_TIMEOUT_MS",
+            ),
             ("TRIGGERS_CORES_SHARDS", "some", "cores.shards"),
         ];
         for (var, val, key) in cases {
@@ -574,8 +597,7 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_refused_or_reported() {
-        let (_, warnings) =
-            Config::load(None, env(&[("TRIGGERS_NOPE", "1")]), &[]).expect("load");
+        let (_, warnings) = Config::load(None, env(&[("TRIGGERS_NOPE", "1")]), &[]).expect("load");
         assert_eq!(warnings.len(), 1);
         assert!(Config::load(None, Vec::new(), &[("http.nope".into(), "1".into())]).is_err());
         let dir = tempfile::tempdir().expect("tempdir");

@@ -8,7 +8,11 @@ use triggers::config::Config;
 use triggers::topology::{host_cores, CorePlan};
 
 #[derive(Parser)]
-#[command(name = "triggers", version, about = "A thread-per-core event-ingestion server backed by PostgreSQL")]
+#[command(
+    name = "triggers",
+    version,
+    about = "A thread-per-core event-ingestion server backed by PostgreSQL"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -68,8 +72,8 @@ impl Common {
         if let Some(u) = &self.database_url {
             overrides.push(("database.url".into(), u.clone()));
         }
-        let (config, warnings) =
-            Config::load(self.config.as_deref(), std::env::vars(), &overrides).map_err(|e| e.to_string())?;
+        let (config, warnings) = Config::load(self.config.as_deref(), std::env::vars(), &overrides)
+            .map_err(|e| e.to_string())?;
         for w in warnings {
             eprintln!("warning: {w}");
         }

@@ -46,8 +46,8 @@ impl Gauge {
 
 /// Status codes with their own series; anything else counts as `other`.
 const STATUSES: [u16; 21] = [
-    100, 200, 201, 202, 204, 400, 401, 403, 404, 405, 408, 409, 413, 415, 422, 429, 431, 500,
-    501, 503, 504,
+    100, 200, 201, 202, 204, 400, 401, 403, 404, 405, 408, 409, 413, 415, 422, 429, 431, 500, 501,
+    503, 504,
 ];
 const STATUS_SLOTS: usize = STATUSES.len() + 1;
 
@@ -113,7 +113,12 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
     );
     for m in shards {
         for route in Route::ALL {
-            for (slot, status) in STATUSES.iter().map(|s| s.to_string()).chain(["other".to_string()]).enumerate() {
+            for (slot, status) in STATUSES
+                .iter()
+                .map(|s| s.to_string())
+                .chain(["other".to_string()])
+                .enumerate()
+            {
                 let n = m.requests[route as usize * STATUS_SLOTS + slot].get();
                 if n > 0 {
                     let _ = writeln!(
@@ -128,18 +133,55 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
             }
         }
     }
-    let simple: [(&str, &str, &str, fn(&ShardMetrics) -> i64); 6] = [
-        ("triggers_connections_open", "gauge", "Open client connections.", |m| m.connections_open.get()),
-        ("triggers_connections_accepted_total", "counter", "Client connections accepted.", |m| m.connections_accepted.get() as i64),
-        ("triggers_connections_refused_total", "counter", "Connections closed at once because the shard was at its connection limit.", |m| m.connections_refused.get() as i64),
-        ("triggers_bytes_in_total", "counter", "Bytes read from clients.", |m| m.bytes_in.get() as i64),
-        ("triggers_bytes_out_total", "counter", "Bytes written to clients.", |m| m.bytes_out.get() as i64),
-        ("triggers_cross_shard_messages_total", "counter", "Messages a shard sent to another shard to settle a request.", |m| m.cross_shard_messages.get() as i64),
+    type Read = fn(&ShardMetrics) -> i64;
+    let simple: [(&str, &str, &str, Read); 6] = [
+        (
+            "triggers_connections_open",
+            "gauge",
+            "Open client connections.",
+            |m| m.connections_open.get(),
+        ),
+        (
+            "triggers_connections_accepted_total",
+            "counter",
+            "Client connections accepted.",
+            |m| m.connections_accepted.get() as i64,
+        ),
+        (
+            "triggers_connections_refused_total",
+            "counter",
+            "Connections closed at once because the shard was at its connection limit.",
+            |m| m.connections_refused.get() as i64,
+        ),
+        (
+            "triggers_bytes_in_total",
+            "counter",
+            "Bytes read from clients.",
+            |m| m.bytes_in.get() as i64,
+        ),
+        (
+            "triggers_bytes_out_total",
+            "counter",
+            "Bytes written to clients.",
+            |m| m.bytes_out.get() as i64,
+        ),
+        (
+            "triggers_cross_shard_messages_total",
+            "counter",
+            "Messages a shard sent to another shard to settle a request.",
+            |m| m.cross_shard_messages.get() as i64,
+        ),
     ];
     for (name, kind, help, get) in simple {
         family(&mut out, name, kind, help);
         for m in shards {
-            let _ = writeln!(out, "{name}{{shard=\"{}\",core=\"{}\"}} {}", m.shard, m.core, get(m));
+            let _ = writeln!(
+                out,
+                "{name}{{shard=\"{}\",core=\"{}\"}} {}",
+                m.shard,
+                m.core,
+                get(m)
+            );
         }
     }
     out
@@ -160,8 +202,12 @@ mod tests {
         b.request(Route::Unmatched, 599);
         b.connections_open.add(3);
         let text = render(&[a, b]);
-        assert!(text.contains("triggers_http_requests_total{shard=\"0\",route=\"/health\",status=\"200\"} 2"));
-        assert!(text.contains("triggers_http_requests_total{shard=\"1\",route=\"unmatched\",status=\"404\"} 1"));
+        assert!(text.contains(
+            "triggers_http_requests_total{shard=\"0\",route=\"/health\",status=\"200\"} 2"
+        ));
+        assert!(text.contains(
+            "triggers_http_requests_total{shard=\"1\",route=\"unmatched\",status=\"404\"} 1"
+        ));
         assert!(text.contains("status=\"other\"} 1"));
         assert!(text.contains("triggers_connections_open{shard=\"1\",core=\"1\"} 3"));
     }

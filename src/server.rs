@@ -70,7 +70,11 @@ impl DataDirLock {
             let pid = pid.trim();
             return Err(ServeError::DataDirInUse {
                 path: dir.display().to_string(),
-                pid: if pid.is_empty() { String::new() } else { format!(" (pid {pid})") },
+                pid: if pid.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (pid {pid})")
+                },
             });
         }
         file.set_len(0).map_err(io)?;
@@ -115,9 +119,12 @@ pub fn serve(config: Config, plan: CorePlan) -> Result<(), ServeError> {
         addr: addr.to_string(),
         source,
     })?;
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(ServeError::Signals)?;
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(ServeError::Signals)?;
     if config.auth.admin_token.is_empty() {
-        log::warn!("auth.admin_token is not set: anyone who reaches this server can create organizations");
+        log::warn!(
+            "auth.admin_token is not set: anyone who reaches this server can create organizations"
+        );
     }
     let (settings, mut cluster) = open_database(&config)?;
     if config.database.migrate_on_start {
@@ -148,7 +155,10 @@ pub fn serve(config: Config, plan: CorePlan) -> Result<(), ServeError> {
         metrics,
     });
     let shards = shard::start(shared.clone(), addr)?;
-    log::info!("ready: listening on http://{addr} with {} shard(s)", shared.plan.shards.len());
+    log::info!(
+        "ready: listening on http://{addr} with {} shard(s)",
+        shared.plan.shards.len()
+    );
     println!("Triggers is listening on http://{addr}");
     println!("  curl http://{addr}/health");
     let signal = signals.forever().next();

@@ -79,7 +79,8 @@ impl CorePlan {
                 seen
             }
             CoreList::Named(_) => {
-                let others: Vec<usize> = host.iter().copied().filter(|&c| c != persistence).collect();
+                let others: Vec<usize> =
+                    host.iter().copied().filter(|&c| c != persistence).collect();
                 if others.is_empty() {
                     vec![persistence]
                 } else {
@@ -139,9 +140,15 @@ mod tests {
     #[test]
     fn auto_plans_by_host_size() {
         let p = CorePlan::new(&cfg(auto()), &[0]).expect("1 core");
-        assert_eq!((p.shards.clone(), p.persistence, p.delivery), (vec![0], 0, 0));
+        assert_eq!(
+            (p.shards.clone(), p.persistence, p.delivery),
+            (vec![0], 0, 0)
+        );
         let p = CorePlan::new(&cfg(auto()), &[0, 1]).expect("2 cores");
-        assert_eq!((p.shards.clone(), p.persistence, p.delivery), (vec![0], 1, 1));
+        assert_eq!(
+            (p.shards.clone(), p.persistence, p.delivery),
+            (vec![0], 1, 1)
+        );
         let p = CorePlan::new(&cfg(auto()), &(0..8).collect::<Vec<_>>()).expect("8 cores");
         assert_eq!(p.shards, (0..7).collect::<Vec<_>>());
         assert_eq!(p.persistence, 7);
@@ -160,6 +167,9 @@ mod tests {
         assert!(CorePlan::new(&cfg(CoreList::Ids(vec![0, 0])), &[0, 1]).is_err());
         let mut c = cfg(auto());
         c.persistence = CoreChoice::Id(9);
-        assert_eq!(CorePlan::new(&c, &[0, 1]).expect_err("9").key, "cores.persistence");
+        assert_eq!(
+            CorePlan::new(&c, &[0, 1]).expect_err("9").key,
+            "cores.persistence"
+        );
     }
 }

@@ -4,6 +4,7 @@
 
 use crate::http::{HttpError, Response};
 use serde_json::{json, Value};
+use std::borrow::Cow;
 
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -11,7 +12,7 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub details: Option<Value>,
-    pub headers: Vec<(&'static str, String)>,
+    pub headers: Vec<(&'static str, Cow<'static, str>)>,
     /// Close the connection after answering.
     pub close: bool,
 }
@@ -33,7 +34,7 @@ impl ApiError {
         self
     }
 
-    pub fn header(mut self, name: &'static str, value: impl Into<String>) -> ApiError {
+    pub fn header(mut self, name: &'static str, value: impl Into<Cow<'static, str>>) -> ApiError {
         self.headers.push((name, value.into()));
         self
     }
@@ -48,12 +49,17 @@ impl ApiError {
     }
 
     pub fn method_not_allowed(allow: &'static str) -> ApiError {
-        ApiError::new(405, "method_not_allowed", "Method not allowed on this route.")
-            .header("allow", allow)
+        ApiError::new(
+            405,
+            "method_not_allowed",
+            "Method not allowed on this route.",
+        )
+        .header("allow", allow)
     }
 
     pub fn unavailable(message: impl Into<String>, retry_after_secs: u32) -> ApiError {
-        ApiError::new(503, "unavailable", message).header("retry-after", retry_after_secs.to_string())
+        ApiError::new(503, "unavailable", message)
+            .header("retry-after", retry_after_secs.to_string())
     }
 
     pub fn overloaded(retry_after_secs: u32) -> ApiError {
@@ -66,15 +72,22 @@ impl ApiError {
     }
 
     pub fn request_timeout() -> ApiError {
-        ApiError::new(408, "request_timeout", "The request was not received in time.").closing()
+        ApiError::new(
+            408,
+            "request_timeout",
+            "The request was not received in time.",
+        )
+        .closing()
     }
 
     pub fn from_framing(e: &HttpError) -> ApiError {
         match e {
-            HttpError::Malformed(what) => {
-                ApiError::new(400, "validation_error", format!("Malformed HTTP request: {what}."))
-                    .closing()
-            }
+            HttpError::Malformed(what) => ApiError::new(
+                400,
+                "validation_error",
+                format!("Malformed HTTP request: {what}."),
+            )
+            .closing(),
             HttpError::HeaderTooLarge => ApiError::new(
                 431,
                 "header_too_large",

@@ -67,9 +67,17 @@ impl ShardCtx {
     }
 
     fn new_request_id(&self) -> String {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         let n = self.request_seq.get().wrapping_add(1);
         self.request_seq.set(n);
-        format!("{:016x}{:08x}", self.request_prefix, n)
+        let mut id = String::with_capacity(24);
+        for shift in (0..64).step_by(4).rev() {
+            id.push(HEX[(self.request_prefix >> shift) as usize & 15] as char);
+        }
+        for shift in (0..32).step_by(4).rev() {
+            id.push(HEX[(n >> shift) as usize & 15] as char);
+        }
+        id
     }
 
     /// The client's `X-Request-ID` when it is 1–128 chars of `[A-Za-z0-9._:-]`, else a new one.
@@ -148,7 +156,7 @@ impl Pending {
     pub fn timed_out(self) -> Response {
         let r = ApiError::unavailable("The request could not be completed in time.", 1)
             .into_response(&self.request_id);
-        finish(&self.ctx, self.route, &self.request_id, r)
+        finish(&self.ctx, self.route, self.request_id, r)
     }
 }
 
@@ -183,13 +191,13 @@ pub fn handle(ctx: &Rc<ShardCtx>, req: Request) -> Reply {
         Ok(found) => found,
         Err(e) => {
             let r = e.into_response(&request_id);
-            return Reply::Ready(finish(ctx, Route::Unmatched, &request_id, r));
+            return Reply::Ready(finish(ctx, Route::Unmatched, request_id, r));
         }
     };
     match handler(ctx, &req) {
         Handled::Ready(result) => {
             let r = result.unwrap_or_else(|e| e.into_response(&request_id));
-            Reply::Ready(finish(ctx, route, &request_id, r))
+            Reply::Ready(finish(ctx, route, request_id, r))
         }
         Handled::Pending(future) => {
             let c = ctx.clone();
@@ -197,7 +205,7 @@ pub fn handle(ctx: &Rc<ShardCtx>, req: Request) -> Reply {
             Reply::Pending(Pending {
                 future: Box::pin(async move {
                     let r = future.await.unwrap_or_else(|e| e.into_response(&id));
-                    finish(&c, route, &id, r)
+                    finish(&c, route, id, r)
                 }),
                 route,
                 request_id,
@@ -210,13 +218,15 @@ pub fn handle(ctx: &Rc<ShardCtx>, req: Request) -> Reply {
 /// The answer to a request the codec could not frame (400, 413, 431).
 pub fn framing_error(ctx: &ShardCtx, e: &HttpError) -> Response {
     let id = ctx.new_request_id();
-    finish(ctx, Route::Unmatched, &id, ApiError::from_framing(e).into_response(&id))
+    let r = ApiError::from_framing(e).into_response(&id);
+    finish(ctx, Route::Unmatched, id, r)
 }
 
 /// The answer to a request not received within the request timeout.
 pub fn request_timeout(ctx: &ShardCtx) -> Response {
     let id = ctx.new_request_id();
-    finish(ctx, Route::Unmatched, &id, ApiError::request_timeout().into_response(&id))
+    let r = ApiError::request_timeout().into_response(&id);
+    finish(ctx, Route::Unmatched, id, r)
 }
 
 /// The answer when the shard is at its connection limit.
@@ -224,11 +234,11 @@ pub fn too_many_connections(ctx: &ShardCtx) -> Response {
     let id = ctx.new_request_id();
     let mut r = ApiError::overloaded(1).into_response(&id);
     r.close = true;
-    finish(ctx, Route::Unmatched, &id, r)
+    finish(ctx, Route::Unmatched, id, r)
 }
 
-fn finish(ctx: &ShardCtx, route: Route, request_id: &str, mut r: Response) -> Response {
-    r.headers.push(("x-request-id", request_id.to_string()));
+fn finish(ctx: &ShardCtx, route: Route, request_id: String, mut r: Response) -> Response {
+    r.headers.push(("x-request-id", request_id.into()));
     if ctx.draining.get() {
         r.close = true;
     }

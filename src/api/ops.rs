@@ -24,7 +24,8 @@ pub fn ready(ctx: &Rc<ShardCtx>, _req: &Request) -> Handled {
         match reply.await {
             Ok(Ok(())) => Ok(Response::json(
                 200,
-                serde_json::to_vec(&json!({"status": "ready", "database": "ok"})).unwrap_or_default(),
+                serde_json::to_vec(&json!({"status": "ready", "database": "ok"}))
+                    .unwrap_or_default(),
             )),
             Ok(Err(e)) => {
                 log::debug!("readiness check failed: {e}");
@@ -58,7 +59,10 @@ pub fn status(ctx: &Rc<ShardCtx>, _req: &Request) -> Handled {
         "persistence_core": s.plan.persistence,
         "delivery_core": s.plan.delivery,
     });
-    Handled::Ready(Ok(Response::json(200, serde_json::to_vec(&body).unwrap_or_default())))
+    Handled::Ready(Ok(Response::json(
+        200,
+        serde_json::to_vec(&body).unwrap_or_default(),
+    )))
 }
 
 pub fn metrics(ctx: &Rc<ShardCtx>, req: &Request) -> Handled {

@@ -117,7 +117,9 @@ enum Framing {
 }
 
 enum State {
-    Head { scanned: usize },
+    Head {
+        scanned: usize,
+    },
     Body {
         req: Request,
         framing: Framing,
@@ -152,9 +154,8 @@ impl Decoder {
         body_limit: &dyn Fn(Method, &str) -> usize,
     ) -> Result<Decoded, HttpError> {
         if let State::Head { .. } = self.state {
-            match self.decode_head(buf, body_limit)? {
-                Some(done) => return Ok(done),
-                None => {}
+            if let Some(done) = self.decode_head(buf, body_limit)? {
+                return Ok(done);
             }
         }
         self.decode_body(buf)
@@ -208,7 +209,9 @@ impl Decoder {
         let method = Method::parse(parsed.method.unwrap_or(""));
         let target = parsed.path.unwrap_or("");
         if !target.starts_with('/') {
-            return Err(HttpError::Malformed("request target must be an absolute path"));
+            return Err(HttpError::Malformed(
+                "request target must be an absolute path",
+            ));
         }
         let http11 = parsed.version == Some(1);
         let base = bytes.as_ptr() as usize;
@@ -298,14 +301,19 @@ impl Decoder {
                 *remaining -= take;
                 *remaining == 0
             }
-            Framing::Chunked(chunk) => {
-                dechunk(chunk, buf, &mut req.body, *limit, self.limits.max_header_bytes)?
-            }
+            Framing::Chunked(chunk) => dechunk(
+                chunk,
+                buf,
+                &mut req.body,
+                *limit,
+                self.limits.max_header_bytes,
+            )?,
         };
         if !done {
             return Ok(Decoded::Incomplete);
         }
-        let State::Body { req, .. } = std::mem::replace(&mut self.state, State::Head { scanned: 0 })
+        let State::Body { req, .. } =
+            std::mem::replace(&mut self.state, State::Head { scanned: 0 })
         else {
             unreachable!("state was Body")
         };
@@ -329,8 +337,8 @@ fn dechunk(
                     if size == 0 {
                         *chunk = Chunk::Trailer { seen: 0 };
                     } else {
-                        let size = usize::try_from(size)
-                            .map_err(|_| HttpError::BodyTooLarge { limit })?;
+                        let size =
+                            usize::try_from(size).map_err(|_| HttpError::BodyTooLarge { limit })?;
                         if body.len().saturating_add(size) > limit {
                             return Err(HttpError::BodyTooLarge { limit });
                         }
@@ -503,13 +511,19 @@ mod tests {
     #[test]
     fn chunked_body_over_the_limit_is_413() {
         let out = decode_all(b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n41\r\n");
-        assert_eq!(out[0].as_ref().err(), Some(&HttpError::BodyTooLarge { limit: LIMIT }));
+        assert_eq!(
+            out[0].as_ref().err(),
+            Some(&HttpError::BodyTooLarge { limit: LIMIT })
+        );
     }
 
     #[test]
     fn content_length_over_the_route_limit_is_413_before_the_body() {
         let out = decode_all(b"POST /x HTTP/1.1\r\nContent-Length: 65\r\n\r\n");
-        assert_eq!(out[0].as_ref().err(), Some(&HttpError::BodyTooLarge { limit: LIMIT }));
+        assert_eq!(
+            out[0].as_ref().err(),
+            Some(&HttpError::BodyTooLarge { limit: LIMIT })
+        );
         let out = decode_all(b"POST /big HTTP/1.1\r\nContent-Length: 65\r\n\r\n");
         assert!(matches!(out[0], Ok(Decoded::Incomplete)));
     }
@@ -520,14 +534,18 @@ mod tests {
         let mut buf = InBuf::with_capacity(64);
         buf.extend(b"POST /x HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n");
         assert!(matches!(d.decode(&mut buf, &limit), Ok(Decoded::Continue)));
-        assert!(matches!(d.decode(&mut buf, &limit), Ok(Decoded::Incomplete)));
+        assert!(matches!(
+            d.decode(&mut buf, &limit),
+            Ok(Decoded::Incomplete)
+        ));
         buf.extend(b"ok");
         let Ok(Decoded::Request(r)) = d.decode(&mut buf, &limit) else {
             panic!("expected request")
         };
         assert_eq!(r.body, b"ok");
         // over the limit: 413 and no Continue
-        let out = decode_all(b"POST /x HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 999\r\n\r\n");
+        let out =
+            decode_all(b"POST /x HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 999\r\n\r\n");
         assert!(matches!(out[0], Err(HttpError::BodyTooLarge { .. })));
     }
 
@@ -585,10 +603,16 @@ mod tests {
         let mut buf = InBuf::with_capacity(64);
         assert!(!d.in_progress(&buf));
         buf.extend(b"GET / HT");
-        assert!(matches!(d.decode(&mut buf, &limit), Ok(Decoded::Incomplete)));
+        assert!(matches!(
+            d.decode(&mut buf, &limit),
+            Ok(Decoded::Incomplete)
+        ));
         assert!(d.in_progress(&buf));
         buf.extend(b"TP/1.1\r\n\r\n");
-        assert!(matches!(d.decode(&mut buf, &limit), Ok(Decoded::Request(_))));
+        assert!(matches!(
+            d.decode(&mut buf, &limit),
+            Ok(Decoded::Request(_))
+        ));
         assert!(!d.in_progress(&buf));
     }
 
@@ -618,11 +642,7 @@ mod tests {
                 seed ^= seed >> 7;
                 seed ^= seed << 17;
                 buf.extend(pieces[(seed % pieces.len() as u64) as usize]);
-                loop {
-                    match d.decode(&mut buf, &limit) {
-                        Ok(Decoded::Request(_)) | Ok(Decoded::Continue) => continue,
-                        _ => break,
-                    }
+                while let Ok(Decoded::Request(_) | Decoded::Continue) = d.decode(&mut buf, &limit) {
                 }
             }
         }

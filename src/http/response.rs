@@ -2,14 +2,14 @@
 //! and a body; the engine decides keep-alive and appends the encoded bytes to
 //! its write buffer, so pipelined responses leave in request order.
 
-use std::fmt::Write as _;
+use std::borrow::Cow;
 
 pub const CONTINUE_100: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
 #[derive(Debug, Clone)]
 pub struct Response {
     pub status: u16,
-    pub headers: Vec<(&'static str, String)>,
+    pub headers: Vec<(&'static str, Cow<'static, str>)>,
     pub body: Vec<u8>,
     /// The server wants the connection closed after this response.
     pub close: bool,
@@ -28,7 +28,7 @@ impl Response {
     pub fn json(status: u16, body: Vec<u8>) -> Response {
         let mut r = Response::new(status);
         r.headers
-            .push(("content-type", "application/json".to_string()));
+            .push(("content-type", Cow::Borrowed("application/json")));
         r.body = body;
         r
     }
@@ -38,7 +38,7 @@ impl Response {
         self
     }
 
-    pub fn header(mut self, name: &'static str, value: impl Into<String>) -> Response {
+    pub fn header(mut self, name: &'static str, value: impl Into<Cow<'static, str>>) -> Response {
         self.headers.push((name, value.into()));
         self
     }
@@ -46,25 +46,24 @@ impl Response {
     /// Appends the encoded response to `out`. `keep_alive` is the connection's
     /// decision; a `close` response always closes.
     pub fn encode(&self, out: &mut Vec<u8>, keep_alive: bool) {
-        let mut head = String::with_capacity(128);
-        let _ = write!(
-            head,
-            "HTTP/1.1 {} {}\r\ncontent-length: {}\r\n",
-            self.status,
-            reason_phrase(self.status),
-            self.body.len()
-        );
+        let mut n = itoa::Buffer::new();
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(n.format(self.status).as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(reason_phrase(self.status).as_bytes());
+        out.extend_from_slice(b"\r\ncontent-length: ");
+        out.extend_from_slice(n.format(self.body.len()).as_bytes());
+        out.extend_from_slice(b"\r\n");
         for (name, value) in &self.headers {
-            head.push_str(name);
-            head.push_str(": ");
-            head.push_str(value);
-            head.push_str("\r\n");
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
         }
         if self.close || !keep_alive {
-            head.push_str("connection: close\r\n");
+            out.extend_from_slice(b"connection: close\r\n");
         }
-        head.push_str("\r\n");
-        out.extend_from_slice(head.as_bytes());
+        out.extend_from_slice(b"\r\n");
         out.extend_from_slice(&self.body);
     }
 }

@@ -9,10 +9,12 @@
 
 mod conn;
 
-use crate::api::{Shared, ShardCtx};
+use crate::api::{ShardCtx, Shared};
 use futures::channel::oneshot;
 use glommio::net::TcpListener;
-use glommio::{executor, ExecutorJoinHandle, Latency, LocalExecutorBuilder, Placement, Shares, TaskQueueHandle};
+use glommio::{
+    executor, ExecutorJoinHandle, Latency, LocalExecutorBuilder, Placement, Shares, TaskQueueHandle,
+};
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
 use std::rc::Rc;
@@ -42,7 +44,11 @@ pub struct ShardSet {
 /// A listening socket with `SO_REUSEPORT`, so every shard binds the same address.
 pub fn reuseport_listener(addr: SocketAddr, backlog: u32) -> std::io::Result<socket2::Socket> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let domain = if addr.is_ipv6() { Domain::IPV6 } else { Domain::IPV4 };
+    let domain = if addr.is_ipv6() {
+        Domain::IPV6
+    } else {
+        Domain::IPV4
+    };
     let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
@@ -100,7 +106,12 @@ impl ShardSet {
     }
 }
 
-async fn run_shard(id: usize, shared: Arc<Shared>, listener: TcpListener, stop: oneshot::Receiver<()>) {
+async fn run_shard(
+    id: usize,
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    stop: oneshot::Receiver<()>,
+) {
     let grace = Duration::from_millis(shared.config.http.shutdown_grace_ms);
     let ctx = Rc::new(ShardCtx::new(id, shared));
     let queue = executor().create_task_queue(
@@ -125,7 +136,10 @@ async fn run_shard(id: usize, shared: Arc<Shared>, listener: TcpListener, stop: 
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
     if ctx.in_flight.get() > 0 {
-        log::warn!("shard {id}: {} request(s) still in flight at shutdown", ctx.in_flight.get());
+        log::warn!(
+            "shard {id}: {} request(s) still in flight at shutdown",
+            ctx.in_flight.get()
+        );
     }
 }
 

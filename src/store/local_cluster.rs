@@ -42,6 +42,22 @@ impl LocalCluster {
         let data_dir = fs::canonicalize(data_dir)
             .map_err(|e| fail(format!("cannot resolve {}: {e}", data_dir.display())))?;
         let run_as = unprivileged_user()?;
+        if let Some((uid, gid)) = run_as {
+            // The cluster runs as `postgres`: it must be able to reach the data directory.
+            let reachable = Command::new("test")
+                .arg("-x")
+                .arg(&data_dir)
+                .uid(uid)
+                .gid(gid)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !reachable {
+                return Err(fail(format!(
+                    "the postgres user cannot enter {} (a parent directory is private); choose a --data-dir under a world-traversable path such as /var/lib/triggers",
+                    data_dir.display()
+                )));
+            }
+        }
         let pgdata = data_dir.join("postgres");
         let password_file = data_dir.join("pg-password");
         let mut cluster = LocalCluster {
@@ -131,7 +147,15 @@ impl LocalCluster {
         )?;
         if !out.status.success() {
             let tail = fs::read_to_string(&log_file).unwrap_or_default();
-            let tail: String = tail.lines().rev().take(10).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+            let tail: String = tail
+                .lines()
+                .rev()
+                .take(10)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n");
             return Err(fail(format!(
                 "pg_ctl start failed: {}{}\n{tail}",
                 String::from_utf8_lossy(&out.stdout),
@@ -183,8 +207,11 @@ impl LocalCluster {
     }
 
     fn status_running(&self) -> bool {
-        self.run("pg_ctl", &["status".as_ref(), "-D".as_ref(), self.pgdata.as_os_str()])
-            .is_ok_and(|o| o.status.success())
+        self.run(
+            "pg_ctl",
+            &["status".as_ref(), "-D".as_ref(), self.pgdata.as_os_str()],
+        )
+        .is_ok_and(|o| o.status.success())
     }
 
     /// A connection URL for `database` (default: the Triggers database).
@@ -246,7 +273,8 @@ fn check(what: &str, out: Output) -> Result<(), ClusterError> {
 fn write_private(path: &Path, text: &str, owner: Option<(u32, u32)>) -> Result<(), ClusterError> {
     let _ = fs::remove_file(path);
     fs::write(path, text).map_err(|e| fail(format!("cannot write {}: {e}", path.display())))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(|e| fail(e.to_string()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+        .map_err(|e| fail(e.to_string()))?;
     if let Some((uid, gid)) = owner {
         chown(path, Some(uid), Some(gid)).map_err(|e| fail(e.to_string()))?;
     }
@@ -261,7 +289,9 @@ pub fn find_bin_dir(configured: &str) -> Result<PathBuf, ClusterError> {
         return if p.join("initdb").exists() {
             Ok(p)
         } else {
-            Err(fail(format!("no initdb in database.pg_bin_dir = {configured}")))
+            Err(fail(format!(
+                "no initdb in database.pg_bin_dir = {configured}"
+            )))
         };
     }
     let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")

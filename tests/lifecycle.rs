@@ -1,0 +1,202 @@
+//! The server's life: configuration errors, --print-config, migrations, the
+//! embedded PostgreSQL (started, stopped, no process left behind), the data
+//! directory lock, and readiness following the database's availability.
+
+mod common;
+
+use common::*;
+use std::process::Command;
+use std::time::Duration;
+
+fn serve_fails_with(args: &[&str], expect: &[&str]) {
+    let dir = open_tempdir();
+    let out = Command::new(binary())
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(args)
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} should fail");
+    for e in expect {
+        assert!(err.contains(e), "{args:?}: expected {e:?} in {err}");
+    }
+}
+
+#[test]
+fn bad_configuration_stops_the_server_naming_key_and_value() {
+    serve_fails_with(
+        &["--set", "cores.shards=[0, 7]"],
+        &["cores.shards", "7", "does not exist"],
+    );
+    serve_fails_with(
+        &["--listen", "not-an-address"],
+        &["listen", "not-an-address"],
+    );
+    serve_fails_with(
+        &["--set", "ingest.ring_capacity=0"],
+        &["ingest.ring_capacity", "0"],
+    );
+    serve_fails_with(&["--set", "ingest.ack=maybe"], &["ingest.ack", "maybe"]);
+    serve_fails_with(
+        &["--set", "http.nonsense=1"],
+        &["unknown setting http.nonsense"],
+    );
+    let dir = open_tempdir();
+    let out = Command::new(binary())
+        .args(["serve", "--print-config"])
+        .env("TRIGGERS_CORES_PERSISTENCE", "9")
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cores.persistence"));
+}
+
+#[test]
+fn print_config_shows_effective_values_masked_and_the_plan() {
+    let path = open_tempdir();
+    let file = path.path().join("triggers.toml");
+    std::fs::write(&file, "listen = \"127.0.0.1:9999\"\n[auth]\nadmin_token = \"top-secret-admin\"\n[limits]\npro = 42\n")
+        .expect("write");
+    let out = Command::new(binary())
+        .args(["serve", "--print-config", "--config"])
+        .arg(&file)
+        .env("TRIGGERS_LIMITS_BUSINESS", "77")
+        .args(["--set", "cores.shards=[1]"])
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("listen = \"127.0.0.1:9999\""), "{text}");
+    assert!(text.contains("pro = 42"), "{text}");
+    assert!(text.contains("business = 77"), "{text}");
+    assert!(!text.contains("top-secret-admin"), "{text}");
+    assert!(
+        text.contains("core plan:") && text.contains("shard(s) on cores [1]"),
+        "{text}"
+    );
+}
+
+#[test]
+fn migrate_applies_once() {
+    let db = fresh_database();
+    let dir = open_tempdir();
+    let run = || {
+        Command::new(binary())
+            .args(["migrate", "--database-url", &db, "--data-dir"])
+            .arg(dir.path())
+            .output()
+            .expect("run")
+    };
+    let first = run();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(String::from_utf8_lossy(&first.stdout).contains("[1]"));
+    let second = run();
+    assert!(String::from_utf8_lossy(&second.stdout).contains("[]"));
+    let mut c = postgres::Client::connect(&db, postgres::NoTls).expect("connect");
+    for table in [
+        "organizations",
+        "api_keys",
+        "events",
+        "delivery_attempts",
+        "idempotency_keys",
+        "webhooks",
+    ] {
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM information_schema.tables WHERE table_name = $1",
+                &[&table],
+            )
+            .expect("query")
+            .get(0);
+        assert_eq!(n, 1, "{table}");
+    }
+}
+
+fn postgres_processes_for(path: &std::path::Path) -> Vec<String> {
+    let needle = path.display().to_string();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&needle) && c.contains("postgres"))
+        .collect()
+}
+
+#[test]
+fn embedded_cluster_lifecycle_and_data_dir_lock() {
+    let dir = open_tempdir();
+    let data = dir.path().join("data");
+    let mut s = TestServer::start_in(dir, None, &["cores.shards=[0]"]);
+    assert_eq!(s.get("/health/ready").status, 200);
+    assert!(
+        !postgres_processes_for(&data).is_empty(),
+        "embedded cluster runs"
+    );
+
+    // A second server on the same data directory fails at once.
+    let out = Command::new(binary())
+        .args(["serve", "--listen", "127.0.0.1:1", "--data-dir"])
+        .arg(&data)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // SIGTERM: exit 0, and no PostgreSQL process left behind.
+    let status = s
+        .terminate(Duration::from_secs(30))
+        .expect("exited in time");
+    assert!(status.success(), "{status}\n{}", s.log_text());
+    assert!(
+        postgres_processes_for(&data).is_empty(),
+        "{:?}",
+        postgres_processes_for(&data)
+    );
+    assert!(s.log_text().contains("embedded PostgreSQL stopped"));
+}
+
+#[test]
+fn readiness_follows_the_database_without_a_restart() {
+    let dir = open_tempdir();
+    let mut cluster = start_cluster(dir.path());
+    let url = cluster.url("postgres");
+    let s = TestServer::start(
+        Some(&url),
+        &["cores.shards=[0]", "database.connect_timeout_ms=500"],
+    );
+    assert_eq!(s.get("/health/ready").status, 200);
+
+    cluster.stop().expect("stop cluster");
+    assert!(
+        eventually(Duration::from_secs(15), || s.get("/health/ready").status
+            == 503),
+        "readiness did not turn 503"
+    );
+    let r = s.get("/health/ready");
+    assert_eq!(r.json()["code"], "unavailable");
+    assert!(r.header("retry-after").is_some());
+    // Liveness is not readiness.
+    assert_eq!(s.get("/health").status, 200);
+
+    cluster.start().expect("restart cluster");
+    assert!(
+        eventually(Duration::from_secs(15), || s.get("/health/ready").status
+            == 200),
+        "readiness did not come back\n{}",
+        s.log_text()
+    );
+}
