@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod config;
+pub mod engine;
 pub mod http;
 pub mod metrics;
 pub mod server;

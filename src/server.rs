@@ -39,6 +39,8 @@ pub enum ServeError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Shard(#[from] shard::ShardError),
+    #[error("{0}")]
+    Engine(#[from] crate::engine::EngineError),
     #[error("signals: {0}")]
     Signals(std::io::Error),
 }
@@ -113,6 +115,7 @@ pub fn open_database(config: &Config) -> Result<(DbSettings, Option<LocalCluster
 pub fn serve(config: Config, plan: CorePlan) -> Result<(), ServeError> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let addr = config.listen_addr()?;
+    let engine = crate::engine::choose(&config.engine)?;
     let _lock = DataDirLock::acquire(&config.data_dir)?;
     // Fail at once if another process (without SO_REUSEPORT sharing) holds the port.
     std::net::TcpListener::bind(addr).map_err(|source| ServeError::Listen {
@@ -150,7 +153,7 @@ pub fn serve(config: Config, plan: CorePlan) -> Result<(), ServeError> {
         config,
         plan,
         started: Instant::now(),
-        engine: "glommio",
+        engine,
         queries,
         metrics,
     });
