@@ -104,9 +104,25 @@ pub struct DatabaseConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
+    /// A cached key is re-read from the database after this long.
     pub cache_ttl_seconds: u64,
     /// When set, `POST /api/keys/generate` requires `Authorization: Bearer <token>`.
     pub admin_token: String,
+    /// Argon2id parameters for new keys (memory in KiB).
+    pub argon2_memory_kib: u32,
+    pub argon2_iterations: u32,
+    pub argon2_parallelism: u32,
+    /// Threads verifying and hashing keys (Argon2id), and their queue.
+    pub verify_workers: usize,
+    pub verify_queue: usize,
+    /// Keys cached per shard; unknown key ids remembered per shard.
+    pub cache_capacity: usize,
+    pub negative_capacity: usize,
+    pub negative_ttl_ms: u64,
+    /// Every 401 is answered this long after the request started (no timing oracle).
+    pub failure_delay_ms: u64,
+    /// 401s per client address per minute before its requests get 429.
+    pub max_failures_per_minute: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -210,6 +226,16 @@ impl Default for AuthConfig {
         AuthConfig {
             cache_ttl_seconds: 60,
             admin_token: String::new(),
+            argon2_memory_kib: 19 * 1024,
+            argon2_iterations: 2,
+            argon2_parallelism: 1,
+            verify_workers: 2,
+            verify_queue: 1024,
+            cache_capacity: 100_000,
+            negative_capacity: 100_000,
+            negative_ttl_ms: 5_000,
+            failure_delay_ms: 100,
+            max_failures_per_minute: 60,
         }
     }
 }
@@ -317,7 +343,7 @@ impl Config {
                 "expected durable or memory",
             ));
         }
-        let positive: [(&str, u64); 14] = [
+        let positive: [(&str, u64); 22] = [
             ("http.max_header_bytes", self.http.max_header_bytes as u64),
             ("http.request_timeout_ms", self.http.request_timeout_ms),
             ("http.idle_timeout_ms", self.http.idle_timeout_ms),
@@ -344,6 +370,20 @@ impl Config {
                 self.database.connect_timeout_ms,
             ),
             ("delivery.timeout_ms", self.delivery.timeout_ms),
+            ("auth.argon2_memory_kib", self.auth.argon2_memory_kib as u64),
+            ("auth.argon2_iterations", self.auth.argon2_iterations as u64),
+            (
+                "auth.argon2_parallelism",
+                self.auth.argon2_parallelism as u64,
+            ),
+            ("auth.verify_workers", self.auth.verify_workers as u64),
+            ("auth.verify_queue", self.auth.verify_queue as u64),
+            ("auth.cache_capacity", self.auth.cache_capacity as u64),
+            ("auth.negative_capacity", self.auth.negative_capacity as u64),
+            (
+                "auth.max_failures_per_minute",
+                self.auth.max_failures_per_minute as u64,
+            ),
         ];
         for (key, v) in positive {
             if v == 0 {

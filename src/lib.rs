@@ -4,9 +4,11 @@
 //! glommio executors and the connection loop) and `api/mod.rs` (the router).
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod engine;
 pub mod http;
+pub mod limit;
 pub mod metrics;
 pub mod server;
 pub mod shard;

@@ -68,6 +68,12 @@ pub struct ShardMetrics {
     pub bytes_in: Counter,
     pub bytes_out: Counter,
     pub cross_shard_messages: Counter,
+    pub auth_cache_hits: Counter,
+    pub auth_cache_misses: Counter,
+    pub auth_verifications: Counter,
+    pub auth_failures: Counter,
+    pub auth_throttled: Counter,
+    pub rate_limited: Counter,
 }
 
 impl ShardMetrics {
@@ -84,6 +90,12 @@ impl ShardMetrics {
             bytes_in: Counter::default(),
             bytes_out: Counter::default(),
             cross_shard_messages: Counter::default(),
+            auth_cache_hits: Counter::default(),
+            auth_cache_misses: Counter::default(),
+            auth_verifications: Counter::default(),
+            auth_failures: Counter::default(),
+            auth_throttled: Counter::default(),
+            rate_limited: Counter::default(),
         }
     }
 
@@ -172,7 +184,45 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
             |m| m.cross_shard_messages.get() as i64,
         ),
     ];
-    for (name, kind, help, get) in simple {
+    let auth: [(&str, &str, &str, Read); 6] = [
+        (
+            "triggers_auth_cache_hits_total",
+            "counter",
+            "Key lookups answered by the shard's key cache.",
+            |m| m.auth_cache_hits.get() as i64,
+        ),
+        (
+            "triggers_auth_cache_misses_total",
+            "counter",
+            "Key lookups the cache could not answer.",
+            |m| m.auth_cache_misses.get() as i64,
+        ),
+        (
+            "triggers_auth_verifications_total",
+            "counter",
+            "Key verifications run on the verifier pool, after coalescing.",
+            |m| m.auth_verifications.get() as i64,
+        ),
+        (
+            "triggers_auth_failures_total",
+            "counter",
+            "Requests answered 401.",
+            |m| m.auth_failures.get() as i64,
+        ),
+        (
+            "triggers_auth_throttled_total",
+            "counter",
+            "Requests refused for too many failed authentications from their address.",
+            |m| m.auth_throttled.get() as i64,
+        ),
+        (
+            "triggers_rate_limited_total",
+            "counter",
+            "Requests refused by their organization's rate limit.",
+            |m| m.rate_limited.get() as i64,
+        ),
+    ];
+    for (name, kind, help, get) in simple.into_iter().chain(auth) {
         family(&mut out, name, kind, help);
         for m in shards {
             let _ = writeln!(

@@ -4,6 +4,7 @@
 //! everything in reverse order and exit 0.
 
 use crate::api::Shared;
+use crate::auth::key::{HashParams, SecretDigester};
 use crate::config::Config;
 use crate::metrics::ShardMetrics;
 use crate::shard;
@@ -137,11 +138,32 @@ pub fn serve(config: Config, plan: CorePlan) -> Result<(), ServeError> {
             log::info!("applied migrations {applied:?}");
         }
     }
-    let (queries, workers) = QueryPool::start(
-        settings,
+    let (queries, mut workers) = QueryPool::start(
+        "query",
+        settings.clone(),
         config.database.query_workers,
         config.database.query_queue,
     );
+    let (verifier, verify_workers) = QueryPool::start(
+        "verify",
+        settings.clone(),
+        config.auth.verify_workers,
+        config.auth.verify_queue,
+    );
+    workers.extend(verify_workers);
+    let (invalidation_tx, invalidation_rx): (Vec<_>, Vec<_>) = plan
+        .shards
+        .iter()
+        .map(|_| futures::channel::mpsc::unbounded())
+        .unzip();
+    let listener_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let listener =
+        crate::auth::invalidation::start(settings, invalidation_tx, listener_stop.clone());
+    let hash_params = HashParams {
+        memory_kib: config.auth.argon2_memory_kib,
+        iterations: config.auth.argon2_iterations,
+        parallelism: config.auth.argon2_parallelism,
+    };
     log::info!("core plan: {}", plan.describe());
     let metrics = plan
         .shards
@@ -155,9 +177,12 @@ pub fn serve(config: Config, plan: CorePlan) -> Result<(), ServeError> {
         started: Instant::now(),
         engine,
         queries,
+        verifier,
+        hash_params,
+        digester: SecretDigester::random(),
         metrics,
     });
-    let shards = shard::start(shared.clone(), addr)?;
+    let shards = shard::start(shared.clone(), addr, invalidation_rx)?;
     log::info!(
         "ready: listening on http://{addr} with {} shard(s)",
         shared.plan.shards.len()
@@ -171,6 +196,8 @@ pub fn serve(config: Config, plan: CorePlan) -> Result<(), ServeError> {
     for w in workers {
         let _ = w.join();
     }
+    listener_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = listener.join();
     if let Some(c) = cluster.as_mut() {
         c.stop()?;
         log::info!("embedded PostgreSQL stopped");

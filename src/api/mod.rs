@@ -7,11 +7,16 @@
 //! Where a request goes: [`route`] maps method and path to a [`Route`] and its
 //! handler; handlers live in one file per area (`ops.rs`, ...).
 
+mod auth;
+mod body;
 mod error;
+mod keys;
 mod ops;
 
+pub use auth::{AuthState, EngineHooks};
 pub use error::ApiError;
 
+use crate::auth::key::{HashParams, SecretDigester};
 use crate::config::Config;
 use crate::http::{HttpError, Method, Request, Response};
 use crate::metrics::ShardMetrics;
@@ -19,6 +24,7 @@ use crate::store::QueryPool;
 use crate::topology::CorePlan;
 use std::cell::Cell;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -31,6 +37,11 @@ pub struct Shared {
     pub started: Instant,
     pub engine: &'static str,
     pub queries: QueryPool,
+    /// Argon2id verification and hashing (key administration) threads.
+    pub verifier: QueryPool,
+    pub hash_params: HashParams,
+    /// Keys the cache digests of secrets (random per process).
+    pub digester: SecretDigester,
     /// One entry per shard, indexed by shard id.
     pub metrics: Vec<Arc<ShardMetrics>>,
 }
@@ -46,14 +57,19 @@ pub struct ShardCtx {
     pub in_flight: Cell<usize>,
     /// Open connections on this shard.
     pub connections: Cell<usize>,
+    /// The key cache, rate limiter and failure throttle this shard owns.
+    pub auth: AuthState,
+    pub hooks: EngineHooks,
+    origin: Instant,
     request_prefix: u64,
     request_seq: Cell<u64>,
 }
 
 impl ShardCtx {
-    pub fn new(id: usize, shared: Arc<Shared>) -> ShardCtx {
+    pub fn new(id: usize, shared: Arc<Shared>, hooks: EngineHooks) -> ShardCtx {
         let metrics = shared.metrics[id].clone();
         let random = uuid::Uuid::new_v4().as_u64_pair().0;
+        let auth = AuthState::new(&shared.config.auth);
         ShardCtx {
             id,
             shared,
@@ -61,9 +77,17 @@ impl ShardCtx {
             draining: Cell::new(false),
             in_flight: Cell::new(0),
             connections: Cell::new(0),
+            auth,
+            hooks,
+            origin: Instant::now(),
             request_prefix: random,
             request_seq: Cell::new(0),
         }
+    }
+
+    /// Monotonic nanoseconds since the shard started (rate-limit clock).
+    pub fn now_ns(&self) -> u64 {
+        self.origin.elapsed().as_nanos() as u64
     }
 
     fn new_request_id(&self) -> String {
@@ -104,16 +128,22 @@ pub enum Route {
     HealthReady,
     Status,
     Metrics,
+    KeysGenerate,
+    Keys,
+    KeysRotate,
     /// No route matched (404) or the request never reached routing.
     Unmatched,
 }
 
 impl Route {
-    pub const ALL: [Route; 5] = [
+    pub const ALL: [Route; 8] = [
         Route::Health,
         Route::HealthReady,
         Route::Status,
         Route::Metrics,
+        Route::KeysGenerate,
+        Route::Keys,
+        Route::KeysRotate,
         Route::Unmatched,
     ];
 
@@ -123,6 +153,9 @@ impl Route {
             Route::HealthReady => "/health/ready",
             Route::Status => "/status",
             Route::Metrics => "/metrics",
+            Route::KeysGenerate => "/api/keys/generate",
+            Route::Keys => "/api/keys",
+            Route::KeysRotate => "/api/keys/rotate",
             Route::Unmatched => "unmatched",
         }
     }
@@ -136,9 +169,22 @@ pub enum Handled {
 
 type Handler = fn(&Rc<ShardCtx>, &Request) -> Handled;
 
+/// A route's handler: open, or behind an API key and the rate limit.
+#[derive(Clone, Copy)]
+enum Target {
+    Open(Handler),
+    Authed(auth::AuthedHandler),
+}
+
 /// What the engine does with a request.
 pub enum Reply {
     Ready(Response),
+    /// The request belongs to another shard (its key's owner): hand the
+    /// connection over with this request (see `shard::handoff`).
+    Handoff {
+        shard: usize,
+        request: Request,
+    },
     /// Await `future`; if it takes longer than the request timeout, send
     /// `timeout` instead (see [`Pending::timed_out`]).
     Pending(Pending),
@@ -161,18 +207,25 @@ impl Pending {
 }
 
 /// Maps method and path to a route and its handler.
-fn route(method: Method, path: &str) -> Result<(Route, Handler), ApiError> {
-    let (route, allow, handler): (Route, &'static str, Handler) = match path {
-        "/health" => (Route::Health, "GET", ops::health),
-        "/health/ready" => (Route::HealthReady, "GET", ops::ready),
-        "/status" => (Route::Status, "GET", ops::status),
-        "/metrics" => (Route::Metrics, "GET", ops::metrics),
+fn route(method: Method, path: &str) -> Result<(Route, Target), ApiError> {
+    use Target::{Authed, Open};
+    let (route, target): (Route, Target) = match (path, method) {
+        ("/health", Method::Get) => (Route::Health, Open(ops::health)),
+        ("/health/ready", Method::Get) => (Route::HealthReady, Open(ops::ready)),
+        ("/status", Method::Get) => (Route::Status, Open(ops::status)),
+        ("/metrics", Method::Get) => (Route::Metrics, Open(ops::metrics)),
+        ("/api/keys/generate", Method::Post) => (Route::KeysGenerate, Open(keys::generate)),
+        ("/api/keys", Method::Get) => (Route::Keys, Authed(keys::show)),
+        ("/api/keys/rotate", Method::Post) => (Route::KeysRotate, Authed(keys::rotate)),
+        ("/health" | "/health/ready" | "/status" | "/metrics" | "/api/keys", _) => {
+            return Err(ApiError::method_not_allowed("GET"))
+        }
+        ("/api/keys/generate" | "/api/keys/rotate", _) => {
+            return Err(ApiError::method_not_allowed("POST"))
+        }
         _ => return Err(ApiError::not_found()),
     };
-    if method != Method::Get {
-        return Err(ApiError::method_not_allowed(allow));
-    }
-    Ok((route, handler))
+    Ok((route, target))
 }
 
 /// The largest body accepted for a method and path (the codec enforces it).
@@ -184,17 +237,36 @@ pub fn body_limit(config: &Config, _method: Method, path: &str) -> usize {
     }
 }
 
-/// Handles one request.
-pub fn handle(ctx: &Rc<ShardCtx>, req: Request) -> Reply {
-    let request_id = ctx.request_id(&req);
-    let (route, handler) = match route(req.method, req.path()) {
+/// Handles one request from `peer`.
+pub fn handle(ctx: &Rc<ShardCtx>, req: Request, peer: Option<IpAddr>) -> Reply {
+    let (route, target) = match route(req.method, req.path()) {
         Ok(found) => found,
         Err(e) => {
+            let request_id = ctx.request_id(&req);
             let r = e.into_response(&request_id);
             return Reply::Ready(finish(ctx, Route::Unmatched, request_id, r));
         }
     };
-    match handler(ctx, &req) {
+    if let Target::Authed(_) = target {
+        let shards = ctx.shared.plan.shards.len();
+        if shards > 1 {
+            if let Some(owner) = auth::owner_of(&req, shards) {
+                if owner != ctx.id {
+                    ctx.metrics.cross_shard_messages.inc();
+                    return Reply::Handoff {
+                        shard: owner,
+                        request: req,
+                    };
+                }
+            }
+        }
+    }
+    let request_id = ctx.request_id(&req);
+    let handled = match target {
+        Target::Open(h) => h(ctx, &req),
+        Target::Authed(h) => auth::authenticated(ctx, req, peer, 1, h),
+    };
+    match handled {
         Handled::Ready(result) => {
             let r = result.unwrap_or_else(|e| e.into_response(&request_id));
             Reply::Ready(finish(ctx, route, request_id, r))
@@ -213,6 +285,13 @@ pub fn handle(ctx: &Rc<ShardCtx>, req: Request) -> Reply {
             })
         }
     }
+}
+
+/// The answer when a connection could not be handed to its owner shard.
+pub fn handoff_failed(ctx: &ShardCtx) -> Response {
+    let id = ctx.new_request_id();
+    let r = ApiError::overloaded(1).into_response(&id);
+    finish(ctx, Route::Unmatched, id, r)
 }
 
 /// The answer to a request the codec could not frame (400, 413, 431).

@@ -4,11 +4,14 @@
 //! errors. Nothing a client sends can panic this loop: the codec returns
 //! errors, and handlers never unwrap input-derived data.
 
+use super::handoff::{Handoff, Links};
 use crate::api::{self, Reply, ShardCtx};
-use crate::http::{Decoded, Decoder, InBuf, Limits, Response, CONTINUE_100};
+use crate::http::{Decoded, Decoder, InBuf, Limits, Request, Response, CONTINUE_100};
 use futures::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use std::io::ErrorKind;
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -68,7 +71,44 @@ pub async fn refuse(mut stream: TcpStream, ctx: Rc<ShardCtx>) {
     let _ = write(&mut stream, &ctx, &mut out).await;
 }
 
-pub async fn serve(mut stream: TcpStream, ctx: Rc<ShardCtx>) {
+/// A connection arriving from another shard, with its first request.
+pub struct Handed {
+    pub request: Request,
+    pub leftover: Vec<u8>,
+    pub peer: Option<IpAddr>,
+}
+
+/// Duplicates the socket and sends it, with `request` and the unread bytes, to `shard`.
+fn hand_over(
+    stream: &TcpStream,
+    links: &Links,
+    shard: usize,
+    request: Request,
+    inbuf: &InBuf,
+    peer: Option<IpAddr>,
+) -> bool {
+    // SAFETY: dup of a descriptor we own; the copy is owned by the message.
+    let dup = unsafe { libc::dup(stream.as_raw_fd()) };
+    if dup < 0 {
+        return false;
+    }
+    // SAFETY: `dup` is a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(dup) };
+    let h = Handoff {
+        fd,
+        request,
+        leftover: inbuf.bytes().to_vec(),
+        peer,
+    };
+    links.send(shard, h).is_ok()
+}
+
+pub async fn serve(
+    mut stream: TcpStream,
+    ctx: Rc<ShardCtx>,
+    links: Rc<Links>,
+    handed: Option<Handed>,
+) {
     let _open = Open::new(ctx.clone());
     let http = &ctx.shared.config.http;
     let request_timeout = Duration::from_millis(http.request_timeout_ms);
@@ -82,19 +122,40 @@ pub async fn serve(mut stream: TcpStream, ctx: Rc<ShardCtx>) {
     });
     let mut inbuf = InBuf::with_capacity(4096);
     let mut out: Vec<u8> = Vec::with_capacity(4096);
+    let (mut first, peer) = match handed {
+        Some(h) => {
+            inbuf.extend(&h.leftover);
+            (Some(h.request), h.peer)
+        }
+        None => (None, stream.peer_addr().ok().map(|a| a.ip())),
+    };
     let mut request_started: Option<Instant> = None;
     let busy_poll_us = http.busy_poll_us;
     let busy_poll_max_connections = http.busy_poll_max_connections;
     'conn: loop {
         loop {
-            match decoder.decode(&mut inbuf, &body_limit) {
+            let next = match first.take() {
+                Some(req) => Ok(Decoded::Request(req)),
+                None => decoder.decode(&mut inbuf, &body_limit),
+            };
+            match next {
                 Ok(Decoded::Request(req)) => {
                     request_started = None;
                     let keep_alive = req.keep_alive;
                     let response = {
                         let _in_flight = InFlight::new(&ctx);
-                        match api::handle(&ctx, req) {
+                        match api::handle(&ctx, req, peer) {
                             Reply::Ready(r) => r,
+                            Reply::Handoff { shard, request } => {
+                                // Answers already due leave first, in order.
+                                if !write(&mut stream, &ctx, &mut out).await {
+                                    break 'conn;
+                                }
+                                if hand_over(&stream, &links, shard, request, &inbuf, peer) {
+                                    return;
+                                }
+                                api::handoff_failed(&ctx)
+                            }
                             Reply::Pending(mut pending) => {
                                 // Earlier pipelined answers go out now, not after the wait.
                                 if !write(&mut stream, &ctx, &mut out).await {

@@ -8,15 +8,21 @@
 //! a bounded time for in-flight requests, and ends the executor.
 
 mod conn;
+mod handoff;
 
-use crate::api::{ShardCtx, Shared};
-use futures::channel::oneshot;
+use crate::api::{EngineHooks, ShardCtx, Shared};
+use crate::auth::invalidation::Invalidation;
+use futures::channel::{mpsc, oneshot};
+use futures::StreamExt;
 use glommio::net::TcpListener;
 use glommio::{
     executor, ExecutorJoinHandle, Latency, LocalExecutorBuilder, Placement, Shares, TaskQueueHandle,
 };
+use handoff::{Handoff, Links};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -57,11 +63,38 @@ pub fn reuseport_listener(addr: SocketAddr, backlog: u32) -> std::io::Result<soc
     Ok(s)
 }
 
-/// Starts one shard per core of the plan, all listening on `addr`.
-pub fn start(shared: Arc<Shared>, addr: SocketAddr) -> Result<ShardSet, ShardError> {
+/// Connection handoffs waiting for one shard.
+const HANDOFF_QUEUE: usize = 1024;
+
+fn glommio_sleep(d: Duration) -> Pin<Box<dyn Future<Output = ()>>> {
+    Box::pin(glommio::timer::sleep(d))
+}
+
+fn glommio_spawn(f: Pin<Box<dyn Future<Output = ()>>>) {
+    glommio::spawn_local(f).detach();
+}
+
+/// Starts one shard per core of the plan, all listening on `addr`; shard `i`
+/// receives key invalidations on `invalidations[i]`.
+pub fn start(
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    invalidations: Vec<mpsc::UnboundedReceiver<Invalidation>>,
+) -> Result<ShardSet, ShardError> {
     let cfg = &shared.config;
     let mut shards = Vec::new();
+    let (handoff_tx, handoff_rx): (Vec<_>, Vec<_>) = shared
+        .plan
+        .shards
+        .iter()
+        .map(|_| mpsc::channel::<Handoff>(HANDOFF_QUEUE))
+        .unzip();
+    let mut inboxes = handoff_rx.into_iter().zip(invalidations);
     for (id, &core) in shared.plan.shards.iter().enumerate() {
+        let Some((inbox, invalidations)) = inboxes.next() else {
+            break;
+        };
+        let peers = handoff_tx.clone();
         let socket = reuseport_listener(addr, cfg.http.listen_backlog)
             .map_err(|source| ShardError::Listen { addr, source })?;
         let fd: RawFd = socket.into_raw_fd();
@@ -78,7 +111,17 @@ pub fn start(shared: Arc<Shared>, addr: SocketAddr) -> Result<ShardSet, ShardErr
             .spawn(move || async move {
                 // SAFETY: `fd` is a listening socket we own; nothing else uses it.
                 let listener = unsafe { TcpListener::from_raw_fd(fd) };
-                run_shard(id, shard_shared, listener, stop_rx).await
+                let links = Links::new(peers);
+                run_shard(
+                    id,
+                    shard_shared,
+                    listener,
+                    links,
+                    inbox,
+                    invalidations,
+                    stop_rx,
+                )
+                .await
             })
             .map_err(|e| ShardError::Start {
                 shard: id,
@@ -110,27 +153,57 @@ async fn run_shard(
     id: usize,
     shared: Arc<Shared>,
     listener: TcpListener,
+    links: Rc<Links>,
+    inbox: mpsc::Receiver<Handoff>,
+    mut invalidations: mpsc::UnboundedReceiver<Invalidation>,
     stop: oneshot::Receiver<()>,
 ) {
     let grace = Duration::from_millis(shared.config.http.shutdown_grace_ms);
-    let ctx = Rc::new(ShardCtx::new(id, shared));
+    let hooks = EngineHooks {
+        sleep: glommio_sleep,
+        spawn: glommio_spawn,
+    };
+    let ctx = Rc::new(ShardCtx::new(id, shared, hooks));
     let queue = executor().create_task_queue(
         Shares::default(),
         Latency::Matters(Duration::from_millis(1)),
         "connections",
     );
-    let accept = match glommio::spawn_local_into(accept_loop(listener, ctx.clone(), queue), queue) {
-        Ok(task) => task,
-        Err(e) => {
-            log::error!("shard {id}: cannot spawn the accept loop: {e}");
-            return;
-        }
+    let c = ctx.clone();
+    let invalidation = glommio::spawn_local_into(
+        async move {
+            while let Some(msg) = invalidations.next().await {
+                match msg {
+                    Invalidation::Key(key_id) => c.auth.cache.borrow_mut().invalidate(&key_id),
+                    Invalidation::All => c.auth.cache.borrow_mut().clear(),
+                }
+            }
+        },
+        queue,
+    );
+    let handoffs = glommio::spawn_local_into(
+        handoff::receive(inbox, ctx.clone(), links.clone(), queue),
+        queue,
+    );
+    let (Ok(invalidation), Ok(handoffs)) = (invalidation, handoffs) else {
+        log::error!("shard {id}: cannot spawn its service tasks");
+        return;
     };
+    let accept =
+        match glommio::spawn_local_into(accept_loop(listener, ctx.clone(), links, queue), queue) {
+            Ok(task) => task,
+            Err(e) => {
+                log::error!("shard {id}: cannot spawn the accept loop: {e}");
+                return;
+            }
+        };
     log::debug!("shard {id} serving");
     let _ = stop.await;
     ctx.draining.set(true);
     // Dropping the accept task closes the listener: no new connections.
     drop(accept);
+    drop(handoffs);
+    drop(invalidation);
     let deadline = Instant::now() + grace;
     while ctx.in_flight.get() > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(5)).await;
@@ -143,7 +216,12 @@ async fn run_shard(
     }
 }
 
-async fn accept_loop(listener: TcpListener, ctx: Rc<ShardCtx>, queue: TaskQueueHandle) {
+async fn accept_loop(
+    listener: TcpListener,
+    ctx: Rc<ShardCtx>,
+    links: Rc<Links>,
+    queue: TaskQueueHandle,
+) {
     let limit = ctx.shared.config.http.max_connections_per_shard;
     loop {
         match listener.accept().await {
@@ -153,7 +231,10 @@ async fn accept_loop(listener: TcpListener, ctx: Rc<ShardCtx>, queue: TaskQueueH
                     ctx.metrics.connections_refused.inc();
                     glommio::spawn_local_into(conn::refuse(stream, ctx.clone()), queue)
                 } else {
-                    glommio::spawn_local_into(conn::serve(stream, ctx.clone()), queue)
+                    glommio::spawn_local_into(
+                        conn::serve(stream, ctx.clone(), links.clone(), None),
+                        queue,
+                    )
                 };
                 match task {
                     Ok(task) => {

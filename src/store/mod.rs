@@ -10,6 +10,11 @@ pub use workers::{QueryPool, Reply};
 
 use std::time::Duration;
 
+/// SQL rendering a timestamptz column as RFC 3339 UTC with microseconds.
+pub fn ts(column: &str) -> String {
+    format!("to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be reached or the connection broke.

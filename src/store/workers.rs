@@ -52,6 +52,7 @@ pub struct QueryPool {
 impl QueryPool {
     /// Starts `workers` threads sharing a queue of `capacity` jobs.
     pub fn start(
+        name: &str,
         settings: DbSettings,
         workers: usize,
         capacity: usize,
@@ -62,7 +63,7 @@ impl QueryPool {
                 let rx: Receiver<Job> = rx.clone();
                 let settings = settings.clone();
                 std::thread::Builder::new()
-                    .name(format!("query-{i}"))
+                    .name(format!("{name}-{i}"))
                     .spawn(move || {
                         let mut conn = Connection::new(settings);
                         while let Ok(job) = rx.recv() {

@@ -1,0 +1,442 @@
+//! The authenticated part of the request path, on the owner shard of the
+//! key's routing slot: failure throttle per client address → key from
+//! `X-API-Key` or `Authorization: Bearer` → the shard's key cache → on a miss,
+//! one coalesced verification (database read and Argon2id) on the verifier
+//! pool → the organization's rate limit → the handler. Every response after
+//! the rate limit carries the rate-limit headers.
+//!
+//! No timing oracle: every 401 (missing, malformed, unknown, wrong secret,
+//! revoked) is held until `auth.failure_delay_ms` after the request started,
+//! on a timer. Unknown key ids never cost an Argon2 run.
+
+use super::{ApiError, Handled, ShardCtx};
+use crate::auth::{key, Lookup, Principal};
+use crate::http::{Request, Response};
+use crate::limit::Decision;
+use crate::store::StoreError;
+use futures::channel::oneshot;
+use serde_json::json;
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// A handler that runs after authentication and the rate limit.
+pub type AuthedHandler = fn(&Rc<ShardCtx>, Request, Rc<Principal>) -> Handled;
+
+/// What a verification concluded, shared by every coalesced waiter.
+#[derive(Clone)]
+pub enum Verified {
+    Valid(Rc<Principal>),
+    Unauthorized,
+    Unavailable,
+}
+
+/// The verifier pool's answer (crosses threads, so no `Rc`).
+enum VerifyAnswer {
+    Valid(Principal, Option<Duration>),
+    WrongSecret,
+    Unknown,
+}
+
+/// 401s per client address in the current minute; bounded.
+pub struct FailureThrottle {
+    counts: HashMap<IpAddr, (u64, u32), ahash::RandomState>,
+    capacity: usize,
+}
+
+const MINUTE_NS: u64 = 60_000_000_000;
+
+impl FailureThrottle {
+    pub fn new(capacity: usize) -> FailureThrottle {
+        FailureThrottle {
+            counts: HashMap::with_hasher(ahash::RandomState::new()),
+            capacity: capacity.max(16),
+        }
+    }
+
+    /// Seconds to wait when `ip` is over `limit` failures this minute.
+    pub fn blocked(&self, ip: IpAddr, limit: u32, now_ns: u64) -> Option<u64> {
+        let &(start, n) = self.counts.get(&ip)?;
+        let elapsed = now_ns.saturating_sub(start);
+        (elapsed < MINUTE_NS && n >= limit).then(|| (MINUTE_NS - elapsed).div_ceil(1_000_000_000))
+    }
+
+    pub fn record(&mut self, ip: IpAddr, now_ns: u64) {
+        if self.counts.len() >= self.capacity && !self.counts.contains_key(&ip) {
+            self.counts
+                .retain(|_, (start, _)| now_ns.saturating_sub(*start) < MINUTE_NS);
+            if self.counts.len() >= self.capacity {
+                return;
+            }
+        }
+        let e = self.counts.entry(ip).or_insert((now_ns, 0));
+        if now_ns.saturating_sub(e.0) >= MINUTE_NS {
+            *e = (now_ns, 0);
+        }
+        e.1 = e.1.saturating_add(1);
+    }
+}
+
+/// The presented key: `X-API-Key`, else `Authorization: Bearer`.
+pub fn presented_key(req: &Request) -> Option<&str> {
+    req.header_str("x-api-key")
+        .map(str::trim)
+        .or_else(|| super::bearer(req))
+        .filter(|k| !k.is_empty())
+}
+
+/// The shard owning the key's routing slot, when the key parses.
+pub fn owner_of(req: &Request, shards: usize) -> Option<usize> {
+    let k = key::parse(presented_key(req)?)?;
+    Some(key::owner_shard(key::key_slot(k.key_id), shards))
+}
+
+pub fn limit_for_tier(ctx: &ShardCtx, tier: &str) -> u64 {
+    let l = &ctx.shared.config.limits;
+    match tier {
+        "pro" => l.pro,
+        "business" => l.business,
+        "enterprise" => l.enterprise,
+        _ => l.free,
+    }
+}
+
+fn rate_headers(d: &Decision) -> [(&'static str, String); 5] {
+    [
+        ("x-ratelimit-limit", d.limit.to_string()),
+        ("x-ratelimit-remaining", d.remaining.to_string()),
+        ("x-ratelimit-reset", d.reset_secs.to_string()),
+        ("ratelimit-policy", format!("\"tier\";q={};w=60", d.limit)),
+        (
+            "ratelimit",
+            format!("\"tier\";r={};t={}", d.remaining, d.reset_secs),
+        ),
+    ]
+}
+
+fn with_rate(result: Result<Response, ApiError>, d: &Decision) -> Result<Response, ApiError> {
+    match result {
+        Ok(mut r) => {
+            r.headers
+                .extend(rate_headers(d).map(|(n, v)| (n, v.into())));
+            Ok(r)
+        }
+        Err(mut e) => {
+            e.headers
+                .extend(rate_headers(d).map(|(n, v)| (n, v.into())));
+            Err(e)
+        }
+    }
+}
+
+fn unauthorized(missing: bool) -> ApiError {
+    if missing {
+        ApiError::new(
+            401,
+            "missing_api_key",
+            "An API key is required (X-API-Key or Authorization: Bearer).",
+        )
+    } else {
+        ApiError::new(
+            401,
+            "invalid_api_key",
+            "The API key is invalid, unknown or revoked.",
+        )
+    }
+}
+
+/// Authenticates, rate-limits by `cost`, then runs `handler`.
+pub fn authenticated(
+    ctx: &Rc<ShardCtx>,
+    req: Request,
+    peer: Option<IpAddr>,
+    cost: u64,
+    handler: AuthedHandler,
+) -> Handled {
+    let started = Instant::now();
+    let auth_cfg = &ctx.shared.config.auth;
+    if let Some(ip) = peer {
+        let blocked =
+            ctx.auth
+                .failures
+                .borrow()
+                .blocked(ip, auth_cfg.max_failures_per_minute, ctx.now_ns());
+        if let Some(wait) = blocked {
+            ctx.metrics.auth_throttled.inc();
+            let limit = auth_cfg.max_failures_per_minute;
+            return Handled::Ready(Err(ApiError::new(
+                429,
+                "rate_limited",
+                "Too many failed authentication attempts from this address.",
+            )
+            .details(json!({"limit": limit, "window": 60, "retry_after": wait}))
+            .header("retry-after", wait.to_string())));
+        }
+    }
+    let Some(raw) = presented_key(&req) else {
+        return fail(ctx, peer, started, true);
+    };
+    let Some(presented) = key::parse(raw) else {
+        return fail(ctx, peer, started, false);
+    };
+    let digest = ctx.shared.digester.digest(presented.secret);
+    let lookup = ctx
+        .auth
+        .cache
+        .borrow_mut()
+        .lookup(presented.key_id, &digest, started);
+    match lookup {
+        Lookup::Hit(principal) => {
+            ctx.metrics.auth_cache_hits.inc();
+            admit(ctx, req, principal, cost, handler)
+        }
+        Lookup::WrongSecret | Lookup::Unknown => {
+            ctx.metrics.auth_cache_hits.inc();
+            fail(ctx, peer, started, false)
+        }
+        Lookup::Miss => {
+            ctx.metrics.auth_cache_misses.inc();
+            let waiter = verify(ctx, presented.key_id, presented.secret, digest);
+            let ctx = ctx.clone();
+            Handled::Pending(Box::pin(async move {
+                let verified = match waiter {
+                    Ok(rx) => rx.await.unwrap_or(Verified::Unavailable),
+                    Err(e) => return Err(e),
+                };
+                match verified {
+                    Verified::Valid(principal) => {
+                        match admit(&ctx, req, principal, cost, handler) {
+                            Handled::Ready(r) => r,
+                            Handled::Pending(f) => f.await,
+                        }
+                    }
+                    Verified::Unauthorized => match fail(&ctx, peer, started, false) {
+                        Handled::Ready(r) => r,
+                        Handled::Pending(f) => f.await,
+                    },
+                    Verified::Unavailable => Err(ApiError::unavailable(
+                        "Authentication is unavailable: the database does not answer.",
+                        1,
+                    )),
+                }
+            }))
+        }
+    }
+}
+
+/// A 401, held until `failure_delay_ms` after the request started.
+fn fail(ctx: &Rc<ShardCtx>, peer: Option<IpAddr>, started: Instant, missing: bool) -> Handled {
+    if let Some(ip) = peer {
+        ctx.auth.failures.borrow_mut().record(ip, ctx.now_ns());
+    }
+    ctx.metrics.auth_failures.inc();
+    let hold = Duration::from_millis(ctx.shared.config.auth.failure_delay_ms);
+    let wait = hold.saturating_sub(started.elapsed());
+    let sleep = (ctx.hooks.sleep)(wait);
+    Handled::Pending(Box::pin(async move {
+        sleep.await;
+        Err(unauthorized(missing))
+    }))
+}
+
+fn admit(
+    ctx: &Rc<ShardCtx>,
+    req: Request,
+    principal: Rc<Principal>,
+    cost: u64,
+    handler: AuthedHandler,
+) -> Handled {
+    let limit = limit_for_tier(ctx, &principal.tier);
+    let d =
+        ctx.auth
+            .limiter
+            .borrow_mut()
+            .check(principal.organization_id, limit, cost, ctx.now_ns());
+    if !d.allowed {
+        ctx.metrics.rate_limited.inc();
+        let e = ApiError::new(
+            429,
+            "rate_limited",
+            "Rate limit exceeded for this organization.",
+        )
+        .details(json!({"limit": d.limit, "window": 60, "retry_after": d.retry_after_secs}))
+        .header("retry-after", d.retry_after_secs.to_string());
+        return Handled::Ready(with_rate(Err(e), &d));
+    }
+    match handler(ctx, req, principal) {
+        Handled::Ready(r) => Handled::Ready(with_rate(r, &d)),
+        Handled::Pending(f) => Handled::Pending(Box::pin(async move { with_rate(f.await, &d) })),
+    }
+}
+
+/// Joins (or starts) the verification of (key id, secret digest).
+fn verify(
+    ctx: &Rc<ShardCtx>,
+    key_id: &str,
+    secret: &str,
+    digest: [u8; 32],
+) -> Result<oneshot::Receiver<Verified>, ApiError> {
+    let (tx, rx) = oneshot::channel();
+    let slot = (key_id.to_string(), digest);
+    {
+        let mut pending = ctx.auth.pending.borrow_mut();
+        if let Some(waiters) = pending.get_mut(&slot) {
+            waiters.push(tx);
+            return Ok(rx);
+        }
+        if pending.len() >= ctx.shared.config.auth.verify_queue {
+            return Err(ApiError::overloaded(1));
+        }
+        pending.insert(slot.clone(), vec![tx]);
+    }
+    let (id, secret_owned) = (key_id.to_string(), secret.to_string());
+    let submitted = ctx
+        .shared
+        .verifier
+        .submit(move |client| load_and_verify(client, &id, &secret_owned));
+    let reply = match submitted {
+        Ok(reply) => reply,
+        Err(_) => {
+            ctx.auth.pending.borrow_mut().remove(&slot);
+            return Err(ApiError::overloaded(1));
+        }
+    };
+    ctx.metrics.auth_verifications.inc();
+    let c = ctx.clone();
+    (ctx.hooks.spawn)(Box::pin(async move {
+        let answer = reply.await;
+        let now = Instant::now();
+        let verified = match answer {
+            Ok(Ok(VerifyAnswer::Valid(p, expires_in))) => {
+                let p = Rc::new(p);
+                let ttl = Duration::from_secs(c.shared.config.auth.cache_ttl_seconds);
+                c.auth.cache.borrow_mut().insert(
+                    p.clone(),
+                    slot.1,
+                    now + ttl,
+                    expires_in.map(|d| now + d),
+                    now,
+                );
+                Verified::Valid(p)
+            }
+            Ok(Ok(VerifyAnswer::Unknown)) => {
+                let ttl = Duration::from_millis(c.shared.config.auth.negative_ttl_ms);
+                c.auth
+                    .cache
+                    .borrow_mut()
+                    .insert_negative(&slot.0, now + ttl, now);
+                Verified::Unauthorized
+            }
+            Ok(Ok(VerifyAnswer::WrongSecret)) => Verified::Unauthorized,
+            Ok(Err(e)) => {
+                log::warn!("key verification failed: {e}");
+                Verified::Unavailable
+            }
+            Err(_) => Verified::Unavailable,
+        };
+        let waiters = c
+            .auth
+            .pending
+            .borrow_mut()
+            .remove(&slot)
+            .unwrap_or_default();
+        for w in waiters {
+            let _ = w.send(verified.clone());
+        }
+    }));
+    Ok(rx)
+}
+
+/// On the verifier pool: the key's row, then Argon2id. A known id with a
+/// wrong secret costs one verification; an unknown id costs none.
+fn load_and_verify(
+    client: &mut postgres::Client,
+    key_id: &str,
+    secret: &str,
+) -> Result<VerifyAnswer, StoreError> {
+    let row = client.query_opt(
+        &format!(
+            "SELECT k.secret_hash, o.organization_id, o.name, o.tier,
+                    extract(epoch FROM k.expires_at - now())::float8,
+                    {}, {}
+               FROM api_keys k JOIN organizations o USING (organization_id)
+              WHERE k.key_id = $1 AND k.revoked_at IS NULL
+                AND (k.expires_at IS NULL OR k.expires_at > now())",
+            crate::store::ts("o.created_at"),
+            crate::store::ts("o.updated_at")
+        ),
+        &[&key_id],
+    )?;
+    let Some(row) = row else {
+        return Ok(VerifyAnswer::Unknown);
+    };
+    let hash: String = row.get(0);
+    if !key::verify_secret(secret, &hash) {
+        return Ok(VerifyAnswer::WrongSecret);
+    }
+    let expires_in: Option<f64> = row.get(4);
+    Ok(VerifyAnswer::Valid(
+        Principal {
+            organization_id: row.get(1),
+            organization_name: row.get(2),
+            tier: row.get(3),
+            key_id: key_id.to_string(),
+            created_at: row.get(5),
+            updated_at: row.get(6),
+        },
+        expires_in.map(|s| Duration::from_secs_f64(s.max(0.0))),
+    ))
+}
+
+/// Requests waiting on one verification, by (key id, digest of the presented secret).
+pub type Waiters = HashMap<(String, [u8; 32]), Vec<oneshot::Sender<Verified>>, ahash::RandomState>;
+
+/// Shard-owned authentication state.
+pub struct AuthState {
+    pub cache: std::cell::RefCell<crate::auth::KeyCache>,
+    pub pending: std::cell::RefCell<Waiters>,
+    pub limiter: std::cell::RefCell<crate::limit::RateLimiter>,
+    pub failures: std::cell::RefCell<FailureThrottle>,
+}
+
+impl AuthState {
+    pub fn new(config: &crate::config::AuthConfig) -> AuthState {
+        AuthState {
+            cache: std::cell::RefCell::new(crate::auth::KeyCache::new(
+                config.cache_capacity,
+                config.negative_capacity,
+            )),
+            pending: std::cell::RefCell::new(HashMap::with_hasher(ahash::RandomState::new())),
+            limiter: std::cell::RefCell::new(crate::limit::RateLimiter::new(config.cache_capacity)),
+            failures: std::cell::RefCell::new(FailureThrottle::new(config.negative_capacity)),
+        }
+    }
+}
+
+/// Engine-provided primitives the handlers need (timers, local tasks).
+pub struct EngineHooks {
+    pub sleep: fn(Duration) -> Pin<Box<dyn Future<Output = ()>>>,
+    pub spawn: fn(Pin<Box<dyn Future<Output = ()>>>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_throttle_blocks_after_the_limit_for_the_minute() {
+        let mut t = FailureThrottle::new(100);
+        let ip: IpAddr = "10.0.0.1".parse().expect("ip");
+        for _ in 0..3 {
+            assert_eq!(t.blocked(ip, 3, 0), None);
+            t.record(ip, 0);
+        }
+        assert_eq!(t.blocked(ip, 3, 1_000_000_000), Some(59));
+        assert_eq!(t.blocked(ip, 3, MINUTE_NS), None);
+        t.record(ip, MINUTE_NS);
+        assert_eq!(t.blocked(ip, 3, MINUTE_NS), None);
+    }
+}

@@ -1,0 +1,276 @@
+//! Organizations and their API keys: sign-up (`POST /api/keys/generate`), the
+//! caller's organization (`GET /api/keys`) and rotation
+//! (`POST /api/keys/rotate`). Argon2id hashing and the database writes run on
+//! the verifier pool; shards only validate and wait.
+
+use super::auth::limit_for_tier;
+use super::body::{parse_object, require_json, FieldErrors};
+use super::{bearer, constant_time_eq, ApiError, Handled, ShardCtx};
+use crate::auth::invalidation::CHANNEL;
+use crate::auth::{key, Principal};
+use crate::http::{Request, Response};
+use crate::store::{ts, StoreError};
+use serde_json::{json, Value};
+use std::rc::Rc;
+
+const TIERS: [&str; 4] = ["free", "pro", "business", "enterprise"];
+
+fn json_response(status: u16, v: &Value) -> Response {
+    Response::json(status, serde_json::to_vec(v).unwrap_or_default())
+}
+
+fn store_error(e: StoreError) -> ApiError {
+    match e {
+        StoreError::Overloaded => ApiError::overloaded(1),
+        other => {
+            log::warn!("key administration failed: {other}");
+            ApiError::unavailable("The database does not answer; retry later.", 1)
+        }
+    }
+}
+
+fn check_admin(ctx: &ShardCtx, req: &Request) -> Result<(), ApiError> {
+    let token = &ctx.shared.config.auth.admin_token;
+    if token.is_empty() {
+        return Ok(());
+    }
+    match bearer(req) {
+        None => Err(ApiError::new(
+            401,
+            "missing_api_key",
+            "This route needs Authorization: Bearer <admin token>.",
+        )),
+        Some(given) if constant_time_eq(given.as_bytes(), token.as_bytes()) => Ok(()),
+        Some(_) => Err(ApiError::new(
+            401,
+            "invalid_api_key",
+            "The admin token is invalid.",
+        )),
+    }
+}
+
+/// `POST /api/keys/generate`.
+pub fn generate(ctx: &Rc<ShardCtx>, req: &Request) -> Handled {
+    let parsed = check_admin(ctx, req)
+        .and_then(|()| require_json(req))
+        .and_then(|()| parse_object(&req.body))
+        .and_then(|obj| {
+            let mut errors = FieldErrors::default();
+            errors.unknown_fields(&obj, &["organization_name", "tier"]);
+            let name = match obj.get("organization_name") {
+                Some(Value::String(s)) => {
+                    let t = s.trim();
+                    let n = t.chars().count();
+                    if n == 0 || n > 255 {
+                        errors.add(
+                            "organization_name",
+                            "must be 1-255 characters after trimming",
+                        );
+                    }
+                    t.to_string()
+                }
+                Some(_) => {
+                    errors.add("organization_name", "must be a string");
+                    String::new()
+                }
+                None => {
+                    errors.add("organization_name", "is required");
+                    String::new()
+                }
+            };
+            let tier = match obj.get("tier") {
+                None | Some(Value::Null) => "free".to_string(),
+                Some(Value::String(t)) if TIERS.contains(&t.as_str()) => t.clone(),
+                Some(_) => {
+                    errors.add("tier", "must be one of free, pro, business, enterprise");
+                    String::new()
+                }
+            };
+            errors.finish().map(|()| (name, tier))
+        });
+    let (name, tier) = match parsed {
+        Ok(v) => v,
+        Err(e) => return Handled::Ready(Err(e)),
+    };
+    let params = ctx.shared.hash_params;
+    let job = ctx.shared.verifier.submit(move |client| {
+        let org = uuid::Uuid::now_v7();
+        let (key_id, secret, full) = key::generate(org);
+        let hash = key::hash_secret(&secret, params).map_err(StoreError::Unavailable)?;
+        let mut tx = client.transaction()?;
+        let row = tx.query_one(
+            &format!(
+                "INSERT INTO organizations (organization_id, name, tier) VALUES ($1, $2, $3) RETURNING {}",
+                ts("created_at")
+            ),
+            &[&org, &name, &tier],
+        )?;
+        tx.execute(
+            "INSERT INTO api_keys (organization_id, key_id, secret_hash) VALUES ($1, $2, $3)",
+            &[&org, &key_id, &hash],
+        )?;
+        tx.commit()?;
+        let created: String = row.get(0);
+        Ok((org, name, tier, key_id, full, created))
+    });
+    let reply = match job {
+        Ok(r) => r,
+        Err(e) => return Handled::Ready(Err(store_error(e))),
+    };
+    let ctx = ctx.clone();
+    Handled::Pending(Box::pin(async move {
+        let (org, name, tier, key_id, full, created) = reply
+            .await
+            .map_err(|_| ApiError::internal())?
+            .map_err(store_error)?;
+        let limit = limit_for_tier(&ctx, &tier);
+        Ok(json_response(
+            201,
+            &json!({
+                "organization_id": org,
+                "organization_name": name,
+                "key_id": key_id,
+                "api_key": full,
+                "tier": tier,
+                "rate_limit_per_minute": limit,
+                "created_at": created,
+                "warning": "Store this API key now: it is shown only once and cannot be recovered.",
+            }),
+        ))
+    }))
+}
+
+/// `GET /api/keys`.
+pub fn show(ctx: &Rc<ShardCtx>, _req: Request, p: Rc<Principal>) -> Handled {
+    let org = p.organization_id;
+    let job = ctx.shared.queries.submit(move |client| {
+        let row = client.query_opt(
+            &format!(
+                "SELECT o.name, o.tier, {}, {}, w.url
+                   FROM organizations o LEFT JOIN webhooks w USING (organization_id)
+                  WHERE o.organization_id = $1",
+                ts("o.created_at"),
+                ts("o.updated_at")
+            ),
+            &[&org],
+        )?;
+        Ok(row.map(|r| {
+            let (name, tier, created, updated, url): (
+                String,
+                String,
+                String,
+                String,
+                Option<String>,
+            ) = (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+            (name, tier, created, updated, url)
+        }))
+    });
+    let reply = match job {
+        Ok(r) => r,
+        Err(e) => return Handled::Ready(Err(store_error(e))),
+    };
+    let ctx = ctx.clone();
+    Handled::Pending(Box::pin(async move {
+        let row = reply
+            .await
+            .map_err(|_| ApiError::internal())?
+            .map_err(store_error)?;
+        let Some((name, tier, created, updated, url)) = row else {
+            return Err(ApiError::not_found());
+        };
+        Ok(json_response(
+            200,
+            &json!({
+                "organization_id": p.organization_id,
+                "organization_name": name,
+                "key_id": p.key_id,
+                "tier": tier,
+                "rate_limit_per_minute": limit_for_tier(&ctx, &tier),
+                "webhook_url": url,
+                "created_at": created,
+                "updated_at": updated,
+            }),
+        ))
+    }))
+}
+
+/// `POST /api/keys/rotate`.
+pub fn rotate(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
+    let grace = if req.body.iter().all(u8::is_ascii_whitespace) {
+        Ok(0i64)
+    } else {
+        require_json(&req)
+            .and_then(|()| parse_object(&req.body))
+            .and_then(|obj| {
+                let mut errors = FieldErrors::default();
+                errors.unknown_fields(&obj, &["grace_seconds"]);
+                let grace = match obj.get("grace_seconds") {
+                    None | Some(Value::Null) => 0,
+                    Some(v) => match v.as_i64() {
+                        Some(g) if (0..=86_400).contains(&g) => g,
+                        _ => {
+                            errors.add("grace_seconds", "must be an integer from 0 to 86400");
+                            0
+                        }
+                    },
+                };
+                errors.finish().map(|()| grace)
+            })
+    };
+    let grace = match grace {
+        Ok(g) => g,
+        Err(e) => return Handled::Ready(Err(e)),
+    };
+    let params = ctx.shared.hash_params;
+    let (org, old_key) = (p.organization_id, p.key_id.clone());
+    let job = ctx.shared.verifier.submit(move |client| {
+        let (key_id, secret, full) = key::generate(org);
+        let hash = key::hash_secret(&secret, params).map_err(StoreError::Unavailable)?;
+        let mut tx = client.transaction()?;
+        tx.execute(
+            "INSERT INTO api_keys (organization_id, key_id, secret_hash) VALUES ($1, $2, $3)",
+            &[&org, &key_id, &hash],
+        )?;
+        let row = tx.query_one(
+            &format!(
+                "UPDATE api_keys
+                    SET revoked_at = CASE WHEN $3::float8 = 0 THEN now() ELSE revoked_at END,
+                        expires_at = CASE WHEN $3::float8 = 0 THEN expires_at ELSE now() + make_interval(secs => $3::float8) END
+                  WHERE organization_id = $1 AND key_id = $2
+              RETURNING {}, {}",
+                ts("now()"),
+                ts("coalesce(expires_at, revoked_at)")
+            ),
+            &[&org, &old_key, &(grace as f64)],
+        )?;
+        tx.execute("UPDATE organizations SET updated_at = now() WHERE organization_id = $1", &[&org])?;
+        tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &format!("key:{old_key}")])?;
+        tx.commit()?;
+        let (rotated, old_expires): (String, String) = (row.get(0), row.get(1));
+        Ok((key_id, full, rotated, old_expires))
+    });
+    let reply = match job {
+        Ok(r) => r,
+        Err(e) => return Handled::Ready(Err(store_error(e))),
+    };
+    let ctx = ctx.clone();
+    Handled::Pending(Box::pin(async move {
+        let (key_id, full, rotated, old_expires) = reply
+            .await
+            .map_err(|_| ApiError::internal())?
+            .map_err(store_error)?;
+        // This shard owns every key of the organization: the old key's entry
+        // goes now, before the answer (other processes hear the NOTIFY).
+        ctx.auth.cache.borrow_mut().invalidate(&p.key_id);
+        Ok(json_response(
+            200,
+            &json!({
+                "organization_id": p.organization_id,
+                "key_id": key_id,
+                "api_key": full,
+                "rotated_at": rotated,
+                "old_key_expires_at": old_expires,
+            }),
+        ))
+    }))
+}

@@ -1,0 +1,222 @@
+//! The key cache of one shard. It holds only keys whose routing slot the
+//! shard owns, so it is the shard's alone: no locks. An entry maps a key id
+//! to the authenticated organization and a keyed digest of the right secret
+//! (never the plaintext). Unknown key ids are cached negatively for a short
+//! time. Both maps are bounded; a full map evicts the least recently used
+//! of a small random sample.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::Instant;
+
+/// An authenticated organization, as requests see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub organization_id: uuid::Uuid,
+    pub organization_name: String,
+    pub tier: String,
+    pub key_id: String,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+struct Entry {
+    principal: Rc<Principal>,
+    digest: [u8; 32],
+    /// Re-verify against the database after this (cache TTL).
+    fresh_until: Instant,
+    /// The key stops working at this instant (rotation grace period).
+    key_expires: Option<Instant>,
+    last_used: Cell<Instant>,
+}
+
+pub enum Lookup {
+    Hit(Rc<Principal>),
+    /// The key is known and the presented secret is not its secret.
+    WrongSecret,
+    /// The key id is known not to exist (negative entry).
+    Unknown,
+    Miss,
+}
+
+pub struct KeyCache {
+    entries: HashMap<String, Entry, ahash::RandomState>,
+    negative: HashMap<String, Instant, ahash::RandomState>,
+    capacity: usize,
+    negative_capacity: usize,
+}
+
+const EVICTION_SAMPLE: usize = 8;
+
+impl KeyCache {
+    pub fn new(capacity: usize, negative_capacity: usize) -> KeyCache {
+        KeyCache {
+            entries: HashMap::with_hasher(ahash::RandomState::new()),
+            negative: HashMap::with_hasher(ahash::RandomState::new()),
+            capacity: capacity.max(1),
+            negative_capacity: negative_capacity.max(1),
+        }
+    }
+
+    pub fn lookup(&mut self, key_id: &str, digest: &[u8; 32], now: Instant) -> Lookup {
+        if let Some(e) = self.entries.get(key_id) {
+            let expired = e.key_expires.is_some_and(|t| t <= now);
+            if e.fresh_until > now && !expired {
+                if !crate::api::constant_time_eq(&e.digest, digest) {
+                    return Lookup::WrongSecret;
+                }
+                e.last_used.set(now);
+                return Lookup::Hit(e.principal.clone());
+            }
+            self.entries.remove(key_id);
+            return Lookup::Miss;
+        }
+        match self.negative.get(key_id) {
+            Some(&until) if until > now => Lookup::Unknown,
+            Some(_) => {
+                self.negative.remove(key_id);
+                Lookup::Miss
+            }
+            None => Lookup::Miss,
+        }
+    }
+
+    pub fn insert(
+        &mut self,
+        principal: Rc<Principal>,
+        digest: [u8; 32],
+        fresh_until: Instant,
+        key_expires: Option<Instant>,
+        now: Instant,
+    ) {
+        let key_id = principal.key_id.clone();
+        self.negative.remove(&key_id);
+        if self.entries.len() >= self.capacity && !self.entries.contains_key(&key_id) {
+            let victim = self
+                .entries
+                .iter()
+                .take(EVICTION_SAMPLE)
+                .min_by_key(|(_, e)| e.last_used.get())
+                .map(|(k, _)| k.clone());
+            if let Some(v) = victim {
+                self.entries.remove(&v);
+            }
+        }
+        self.entries.insert(
+            key_id,
+            Entry {
+                principal,
+                digest,
+                fresh_until,
+                key_expires,
+                last_used: Cell::new(now),
+            },
+        );
+        debug_assert!(self.entries.len() <= self.capacity);
+    }
+
+    pub fn insert_negative(&mut self, key_id: &str, until: Instant, now: Instant) {
+        if self.negative.len() >= self.negative_capacity {
+            self.negative.retain(|_, t| *t > now);
+            if self.negative.len() >= self.negative_capacity {
+                let victim = self.negative.keys().next().cloned();
+                if let Some(v) = victim {
+                    self.negative.remove(&v);
+                }
+            }
+        }
+        self.negative.insert(key_id.to_string(), until);
+    }
+
+    pub fn invalidate(&mut self, key_id: &str) {
+        self.entries.remove(key_id);
+        self.negative.remove(key_id);
+    }
+
+    /// Drops every entry of an organization (all its keys).
+    pub fn invalidate_organization(&mut self, org: uuid::Uuid) {
+        self.entries
+            .retain(|_, e| e.principal.organization_id != org);
+    }
+
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.negative.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn principal(key_id: &str) -> Rc<Principal> {
+        Rc::new(Principal {
+            organization_id: uuid::Uuid::new_v4(),
+            organization_name: "o".into(),
+            tier: "free".into(),
+            key_id: key_id.into(),
+            created_at: String::new(),
+            updated_at: String::new(),
+        })
+    }
+
+    #[test]
+    fn hit_wrong_secret_expiry_and_negative() {
+        let mut c = KeyCache::new(10, 10);
+        let now = Instant::now();
+        let later = now + Duration::from_secs(60);
+        c.insert(principal("k1"), [1; 32], later, None, now);
+        assert!(matches!(c.lookup("k1", &[1; 32], now), Lookup::Hit(_)));
+        assert!(matches!(c.lookup("k1", &[2; 32], now), Lookup::WrongSecret));
+        assert!(matches!(c.lookup("k1", &[1; 32], later), Lookup::Miss));
+        c.insert(
+            principal("k2"),
+            [1; 32],
+            later,
+            Some(now + Duration::from_secs(1)),
+            now,
+        );
+        assert!(matches!(
+            c.lookup("k2", &[1; 32], now + Duration::from_secs(2)),
+            Lookup::Miss
+        ));
+        c.insert_negative("k3", now + Duration::from_secs(5), now);
+        assert!(matches!(c.lookup("k3", &[0; 32], now), Lookup::Unknown));
+        assert!(matches!(
+            c.lookup("k3", &[0; 32], now + Duration::from_secs(6)),
+            Lookup::Miss
+        ));
+        c.invalidate("k1");
+        c.insert(principal("k1"), [1; 32], later, None, now);
+        c.invalidate("k1");
+        assert!(matches!(c.lookup("k1", &[1; 32], now), Lookup::Miss));
+    }
+
+    #[test]
+    fn bounded_with_eviction() {
+        let mut c = KeyCache::new(50, 20);
+        let now = Instant::now();
+        for i in 0..500 {
+            c.insert(
+                principal(&format!("k{i}")),
+                [0; 32],
+                now + Duration::from_secs(60),
+                None,
+                now,
+            );
+            c.insert_negative(&format!("n{i}"), now + Duration::from_secs(60), now);
+        }
+        assert_eq!(c.len(), 50);
+        assert!(c.negative.len() <= 20);
+    }
+}

@@ -1,0 +1,9 @@
+//! Authentication: the key format and Argon2id (`key.rs`), the per-shard key
+//! cache (`cache.rs`), and the organization-wide invalidation listener
+//! (`invalidation.rs`). The request-side flow lives in `api/auth.rs`.
+
+pub mod cache;
+pub mod invalidation;
+pub mod key;
+
+pub use cache::{KeyCache, Lookup, Principal};
