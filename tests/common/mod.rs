@@ -106,6 +106,24 @@ impl TestServer {
         database_url: Option<&str>,
         settings: &[&str],
     ) -> TestServer {
+        Self::start_full(dir, database_url, settings, &[])
+    }
+
+    /// Like `start`, with extra environment variables for the server.
+    pub fn start_env(
+        database_url: Option<&str>,
+        settings: &[&str],
+        env: &[(&str, &str)],
+    ) -> TestServer {
+        Self::start_full(open_tempdir(), database_url, settings, env)
+    }
+
+    pub fn start_full(
+        dir: tempfile::TempDir,
+        database_url: Option<&str>,
+        settings: &[&str],
+        env: &[(&str, &str)],
+    ) -> TestServer {
         let port = free_port().expect("free port");
         let log = dir.path().join("server.log");
         let mut cmd = Command::new(binary());
@@ -120,6 +138,9 @@ impl TestServer {
         }
         for s in settings {
             cmd.arg("--set").arg(s);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
         }
         let out = std::fs::File::create(&log).expect("log file");
         cmd.stdout(out.try_clone().expect("dup"))
@@ -323,3 +344,44 @@ pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     false
 }
+
+/// A request with headers and an optional JSON body, on a new connection.
+pub fn call(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> HttpResponse {
+    let mut raw = format!("{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        raw.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some(b) = body {
+        raw.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+            b.len()
+        ));
+    } else {
+        raw.push_str("\r\n");
+    }
+    request(port, &raw)
+}
+
+/// Creates an organization; returns the generate response body.
+pub fn generate_key(port: u16, name: &str, tier: &str) -> serde_json::Value {
+    let r = call(
+        port,
+        "POST",
+        "/api/keys/generate",
+        &[],
+        Some(&format!(
+            r#"{{"organization_name":"{name}","tier":"{tier}"}}"#
+        )),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    r.json()
+}
+
+/// Small Argon2 parameters so tests run fast in debug builds.
+pub const FAST_ARGON2: [&str; 2] = ["auth.argon2_memory_kib=1024", "auth.argon2_iterations=1"];

@@ -1,0 +1,469 @@
+//! Organizations and API keys against the real server and PostgreSQL:
+//! sign-up validation, the admin token, authentication by either header,
+//! 401 codes held to one latency, rotation with and without grace (in one
+//! process and across two), rate limits over two shards, the failure
+//! throttle, connection handoff, and secrets kept out of logs.
+
+mod common;
+
+use common::*;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+fn settings<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut s: Vec<&str> = FAST_ARGON2.to_vec();
+    s.extend_from_slice(extra);
+    s
+}
+
+fn get_keys(port: u16, key: &str) -> HttpResponse {
+    call(port, "GET", "/api/keys", &[("X-API-Key", key)], None)
+}
+
+#[test]
+fn sign_up_validation_and_admin_token() {
+    let db = fresh_database();
+    let s = TestServer::start(Some(&db), &settings(&["cores.shards=[0]"]));
+    let v = generate_key(s.port, "  Acme Inc  ", "pro");
+    assert_eq!(v["organization_name"], "Acme Inc");
+    assert_eq!(v["tier"], "pro");
+    assert_eq!(v["rate_limit_per_minute"], 1000);
+    let key = v["api_key"].as_str().expect("key");
+    assert!(key.starts_with("zt_") && key.len() == 48, "{key}");
+    assert_eq!(&key[3..15], v["key_id"].as_str().expect("id"));
+    assert!(v["warning"].is_string() && v["created_at"].is_string());
+    assert_eq!(
+        generate_key(s.port, "Defaults", "free")["rate_limit_per_minute"],
+        100
+    );
+    let r = call(
+        s.port,
+        "POST",
+        "/api/keys/generate",
+        &[],
+        Some(r#"{"organization_name":"NoTier"}"#),
+    );
+    assert_eq!(r.json()["tier"], "free");
+
+    let long = "x".repeat(256);
+    for (body, field) in [
+        (r#"{}"#.to_string(), "organization_name"),
+        (
+            r#"{"organization_name":""}"#.to_string(),
+            "organization_name",
+        ),
+        (
+            r#"{"organization_name":"   "}"#.to_string(),
+            "organization_name",
+        ),
+        (
+            format!(r#"{{"organization_name":"{long}"}}"#),
+            "organization_name",
+        ),
+        (
+            r#"{"organization_name":42}"#.to_string(),
+            "organization_name",
+        ),
+        (
+            r#"{"organization_name":"a","tier":"gold"}"#.to_string(),
+            "tier",
+        ),
+        (
+            r#"{"organization_name":"a","tier":"Pro"}"#.to_string(),
+            "tier",
+        ),
+        (r#"{"organization_name":"a","tier":5}"#.to_string(), "tier"),
+        (
+            r#"{"organization_name":"a","teir":"pro"}"#.to_string(),
+            "teir",
+        ),
+    ] {
+        let r = call(s.port, "POST", "/api/keys/generate", &[], Some(&body));
+        assert_eq!(r.status, 400, "{body}");
+        let v = r.json();
+        assert_eq!(v["code"], "validation_error", "{body}");
+        assert!(v["details"][field].is_string(), "{body}: {v}");
+    }
+    let r = call(
+        s.port,
+        "POST",
+        "/api/keys/generate",
+        &[],
+        Some(r#"{"organization_name": "a",,}"#),
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["code"], "malformed_json");
+    assert_eq!(r.json()["details"]["line"], 1);
+    assert!(r.json()["details"]["column"].as_u64().is_some());
+    let r = call(s.port, "POST", "/api/keys/generate", &[], Some("[1]"));
+    assert_eq!(r.json()["code"], "validation_error");
+    let r = request(
+        s.port,
+        "POST /api/keys/generate HTTP/1.1\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+    );
+    assert_eq!(r.status, 415);
+    assert_eq!(r.json()["code"], "unsupported_media_type");
+    let r = request(
+        s.port,
+        "POST /api/keys/generate HTTP/1.1\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: 28\r\nConnection: close\r\n\r\n{\"organization_name\":\"Semi\"}",
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(
+        call(s.port, "GET", "/api/keys/generate", &[], None).status,
+        405
+    );
+
+    // With an admin token, sign-up needs it.
+    let db = fresh_database();
+    let s = TestServer::start(
+        Some(&db),
+        &settings(&["cores.shards=[0]", "auth.admin_token=adm1n-t0ken"]),
+    );
+    let body = Some(r#"{"organization_name":"Closed"}"#);
+    let r = call(s.port, "POST", "/api/keys/generate", &[], body);
+    assert_eq!(
+        (r.status, r.json()["code"].as_str()),
+        (401, Some("missing_api_key"))
+    );
+    let r = call(
+        s.port,
+        "POST",
+        "/api/keys/generate",
+        &[("Authorization", "Bearer nope")],
+        body,
+    );
+    assert_eq!(
+        (r.status, r.json()["code"].as_str()),
+        (401, Some("invalid_api_key"))
+    );
+    let r = call(
+        s.port,
+        "POST",
+        "/api/keys/generate",
+        &[("Authorization", "Bearer adm1n-t0ken")],
+        body,
+    );
+    assert_eq!(r.status, 201);
+}
+
+#[test]
+fn authentication_headers_and_401s_held_to_one_latency() {
+    let db = fresh_database();
+    let s = TestServer::start(
+        Some(&db),
+        &settings(&["cores.shards=[0]", "auth.failure_delay_ms=150"]),
+    );
+    let v = generate_key(s.port, "Acme", "business");
+    let key = v["api_key"].as_str().expect("key").to_string();
+
+    let r = get_keys(s.port, &key);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let body = r.json();
+    assert_eq!(body["organization_id"], v["organization_id"]);
+    assert_eq!(body["key_id"], v["key_id"]);
+    assert_eq!(body["tier"], "business");
+    assert_eq!(body["rate_limit_per_minute"], 10000);
+    assert!(body["webhook_url"].is_null());
+    assert!(
+        body.get("api_key").is_none()
+            && !r.text().contains(&key[16..])
+            && !r.text().contains("argon2")
+    );
+    assert_eq!(r.header("x-ratelimit-limit"), Some("10000"));
+    assert_eq!(r.header("ratelimit-policy"), Some("\"tier\";q=10000;w=60"));
+    assert!(r.header("x-ratelimit-remaining").is_some() && r.header("ratelimit").is_some());
+    let r = call(
+        s.port,
+        "GET",
+        "/api/keys",
+        &[("Authorization", &format!("Bearer {key}"))],
+        None,
+    );
+    assert_eq!(r.status, 200);
+
+    let wrong_secret = format!("{}{}", &key[..16], "A".repeat(32));
+    let unknown_id = format!("zt_{}_{}", "ZZZZZZZZZZZZ", &key[16..]);
+    let cases: [(&str, Option<String>, &str); 4] = [
+        ("missing", None, "missing_api_key"),
+        ("malformed", Some("zt_short".into()), "invalid_api_key"),
+        ("unknown", Some(unknown_id), "invalid_api_key"),
+        ("wrong secret", Some(wrong_secret), "invalid_api_key"),
+    ];
+    let mut medians = Vec::new();
+    for (what, k, code) in &cases {
+        let mut times = Vec::new();
+        for _ in 0..5 {
+            let headers: Vec<(&str, &str)> = k.iter().map(|k| ("X-API-Key", k.as_str())).collect();
+            let start = Instant::now();
+            let r = call(s.port, "GET", "/api/keys", &headers, None);
+            times.push(start.elapsed());
+            assert_eq!(r.status, 401, "{what}");
+            assert_eq!(r.json()["code"], *code, "{what}");
+            assert!(
+                r.header("x-ratelimit-limit").is_none(),
+                "{what}: 401s are not counted"
+            );
+        }
+        times.sort();
+        assert!(times[0] >= Duration::from_millis(145), "{what}: {times:?}");
+        medians.push(times[2]);
+    }
+    let (lo, hi) = (
+        medians.iter().min().expect("min"),
+        medians.iter().max().expect("max"),
+    );
+    assert!(
+        *hi - *lo < Duration::from_millis(40),
+        "medians differ: {medians:?}"
+    );
+}
+
+#[test]
+fn rotation_grace_and_revocation() {
+    let db = fresh_database();
+    let s = TestServer::start(Some(&db), &settings(&["cores.shards=[0, 1]"]));
+    let v = generate_key(s.port, "Rotating", "pro");
+    let k1 = v["api_key"].as_str().expect("key").to_string();
+    assert_eq!(get_keys(s.port, &k1).status, 200);
+
+    // Grace period: both keys work until it ends.
+    let r = call(
+        s.port,
+        "POST",
+        "/api/keys/rotate",
+        &[("X-API-Key", &k1)],
+        Some(r#"{"grace_seconds": 2}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let rv = r.json();
+    let k2 = rv["api_key"].as_str().expect("key").to_string();
+    assert_ne!(k1, k2);
+    assert_eq!(rv["organization_id"], v["organization_id"]);
+    assert!(rv["rotated_at"].is_string() && rv["old_key_expires_at"].is_string());
+    assert_eq!(get_keys(s.port, &k1).status, 200);
+    assert_eq!(get_keys(s.port, &k2).status, 200);
+    std::thread::sleep(Duration::from_millis(2300));
+    assert_eq!(get_keys(s.port, &k1).status, 401);
+    assert_eq!(get_keys(s.port, &k2).status, 200);
+
+    // No grace: the old key stops at once, on every connection and shard.
+    let r = call(
+        s.port,
+        "POST",
+        "/api/keys/rotate",
+        &[("X-API-Key", &k2)],
+        None,
+    );
+    assert_eq!(r.status, 200);
+    let k3 = r.json()["api_key"].as_str().expect("key").to_string();
+    for _ in 0..10 {
+        assert_eq!(get_keys(s.port, &k2).status, 401);
+        assert_eq!(get_keys(s.port, &k3).status, 200);
+    }
+
+    for bad in [
+        r#"{"grace_seconds": -1}"#,
+        r#"{"grace_seconds": 86401}"#,
+        r#"{"grace_seconds": "5"}"#,
+        r#"{"grace": 5}"#,
+    ] {
+        let r = call(
+            s.port,
+            "POST",
+            "/api/keys/rotate",
+            &[("X-API-Key", &k3)],
+            Some(bad),
+        );
+        assert_eq!(r.status, 400, "{bad}");
+        assert_eq!(r.json()["code"], "validation_error");
+    }
+    assert_eq!(
+        get_keys(s.port, &k3).status,
+        200,
+        "failed rotations change nothing"
+    );
+}
+
+#[test]
+fn revocation_reaches_another_process_within_a_second() {
+    let db = fresh_database();
+    let a = TestServer::start(Some(&db), &settings(&["cores.shards=[0]"]));
+    let b = TestServer::start(
+        Some(&db),
+        &settings(&["cores.shards=[1]", "auth.cache_ttl_seconds=3600"]),
+    );
+    let k1 = generate_key(a.port, "Shared", "free")["api_key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    assert_eq!(get_keys(b.port, &k1).status, 200, "B caches the key");
+    assert_eq!(get_keys(b.port, &k1).status, 200);
+    let r = call(
+        a.port,
+        "POST",
+        "/api/keys/rotate",
+        &[("X-API-Key", &k1)],
+        None,
+    );
+    assert_eq!(r.status, 200);
+    let rotated = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(1), || get_keys(b.port, &k1).status
+            == 401),
+        "B still accepts the revoked key after {:?}",
+        rotated.elapsed()
+    );
+    let k2 = r.json()["api_key"].as_str().expect("key").to_string();
+    assert_eq!(get_keys(b.port, &k2).status, 200);
+}
+
+#[test]
+fn rate_limit_is_exact_across_two_shards() {
+    let db = fresh_database();
+    let s = TestServer::start(
+        Some(&db),
+        &settings(&["cores.shards=[0, 1]", "limits.free=40"]),
+    );
+    let key = generate_key(s.port, "Limited", "free")["api_key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    // New connections land on both shards; every request is settled by the owner.
+    let mut allowed = 0;
+    let mut limited = None;
+    for _ in 0..50 {
+        let r = get_keys(s.port, &key);
+        match r.status {
+            200 => allowed += 1,
+            429 => limited = Some(r),
+            other => panic!("unexpected {other}: {}", r.text()),
+        }
+    }
+    assert!((40..=41).contains(&allowed), "allowed {allowed}");
+    let r = limited.expect("some requests were limited");
+    let v = r.json();
+    assert_eq!(v["code"], "rate_limited");
+    assert_eq!(v["details"]["limit"], 40);
+    assert_eq!(v["details"]["window"], 60);
+    let retry: u64 = r
+        .header("retry-after")
+        .expect("retry-after")
+        .parse()
+        .expect("int");
+    assert!((1..=2).contains(&retry), "{retry}");
+    assert_eq!(v["details"]["retry_after"], retry);
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("0"));
+    let text = s.get("/metrics").text();
+    assert!(text.contains("triggers_rate_limited_total"));
+    // The limit refills continuously: 40/min is one request per 1.5 s.
+    std::thread::sleep(Duration::from_millis(1600));
+    assert_eq!(get_keys(s.port, &key).status, 200);
+    assert_eq!(get_keys(s.port, &key).status, 429);
+}
+
+#[test]
+fn failed_authentications_are_throttled_per_address() {
+    let db = fresh_database();
+    let s = TestServer::start(
+        Some(&db),
+        &settings(&[
+            "cores.shards=[0]",
+            "auth.max_failures_per_minute=5",
+            "auth.failure_delay_ms=10",
+        ]),
+    );
+    let key = generate_key(s.port, "Victim", "free")["api_key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    for _ in 0..5 {
+        assert_eq!(get_keys(s.port, "zt_nope").status, 401);
+    }
+    let r = get_keys(s.port, "zt_nope");
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["code"], "rate_limited");
+    assert!(r.header("retry-after").is_some());
+    // The throttle is about the address: the shard does no key work for it now.
+    assert_eq!(get_keys(s.port, &key).status, 429);
+    assert!(s
+        .get("/metrics")
+        .text()
+        .contains("triggers_auth_throttled_total{shard=\"0\",core=\"0\"} 2"));
+}
+
+#[test]
+fn keep_alive_connections_move_to_the_owner_once() {
+    let db = fresh_database();
+    let s = TestServer::start(Some(&db), &settings(&["cores.shards=[0, 1]"]));
+    let keys: Vec<String> = (0..6)
+        .map(|i| {
+            generate_key(s.port, &format!("Org {i}"), "enterprise")["api_key"]
+                .as_str()
+                .expect("key")
+                .to_string()
+        })
+        .collect();
+    let mut conns = 0;
+    for key in &keys {
+        for _ in 0..4 {
+            let mut c = connect(s.port);
+            conns += 1;
+            // Pipelined: the first request may hand the connection over; the rest follow it.
+            let one = format!("GET /api/keys HTTP/1.1\r\nX-API-Key: {key}\r\n\r\n");
+            c.write_all(one.repeat(5).as_bytes()).expect("write");
+            let rs = read_responses(&mut c, 5);
+            assert_eq!(rs.len(), 5);
+            assert!(
+                rs.iter().all(|r| r.status == 200),
+                "{:?}",
+                rs.iter().map(|r| r.status).collect::<Vec<_>>()
+            );
+            for _ in 0..3 {
+                c.write_all(one.as_bytes()).expect("write");
+                assert_eq!(read_responses(&mut c, 1)[0].status, 200);
+            }
+        }
+    }
+    let text = s.get("/metrics").text();
+    let moved: u64 = text
+        .lines()
+        .filter(|l| l.starts_with("triggers_cross_shard_messages_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(moved <= conns, "{moved} handoffs for {conns} connections");
+}
+
+#[test]
+fn secrets_never_reach_the_log() {
+    let db = fresh_database();
+    let s = TestServer::start_env(
+        Some(&db),
+        &settings(&["cores.shards=[0, 1]"]),
+        &[("RUST_LOG", "debug")],
+    );
+    let mut secrets = Vec::new();
+    for i in 0..3 {
+        let k = generate_key(s.port, &format!("Secretive {i}"), "pro")["api_key"]
+            .as_str()
+            .expect("key")
+            .to_string();
+        assert_eq!(get_keys(s.port, &k).status, 200);
+        let r = call(
+            s.port,
+            "POST",
+            "/api/keys/rotate",
+            &[("X-API-Key", &k)],
+            Some(r#"{"grace_seconds": 60}"#),
+        );
+        let k2 = r.json()["api_key"].as_str().expect("key").to_string();
+        assert_eq!(get_keys(s.port, &k2).status, 200);
+        let wrong = format!("{}{}", &k2[..16], "B".repeat(32));
+        assert_eq!(get_keys(s.port, &wrong).status, 401);
+        secrets.extend([k, k2, wrong]);
+    }
+    let log = s.log_text();
+    assert!(log.contains("DEBUG"), "the log ran at debug level");
+    for k in &secrets {
+        assert!(!log.contains(&k[16..]), "a secret reached the log");
+    }
+}
