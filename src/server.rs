@@ -131,11 +131,35 @@ pub fn serve(config: Config, plan: CorePlan) -> Result<(), ServeError> {
         );
     }
     let (settings, mut cluster) = open_database(&config)?;
-    if config.database.migrate_on_start {
+    let hash_params = HashParams {
+        memory_kib: config.auth.argon2_memory_kib,
+        iterations: config.auth.argon2_iterations,
+        parallelism: config.auth.argon2_parallelism,
+    };
+    let mut first_key = None;
+    {
         let mut client = settings.connect()?;
-        let applied = migrations::migrate(&mut client)?;
-        if !applied.is_empty() {
-            log::info!("applied migrations {applied:?}");
+        if config.database.migrate_on_start {
+            let applied = migrations::migrate(&mut client)?;
+            if !applied.is_empty() {
+                log::info!("applied migrations {applied:?}");
+            }
+        }
+        // A fresh embedded database gets one organization, so the printed
+        // curl line works at once.
+        if cluster.is_some() {
+            let orgs: i64 = client
+                .query_one("SELECT count(*) FROM organizations", &[])
+                .map_err(StoreError::from)?
+                .get(0);
+            if orgs == 0 {
+                first_key = Some(crate::store::orgs::create(
+                    &mut client,
+                    "default",
+                    "pro",
+                    hash_params,
+                )?);
+            }
         }
     }
     let (queries, mut workers) = QueryPool::start(
@@ -159,11 +183,6 @@ pub fn serve(config: Config, plan: CorePlan) -> Result<(), ServeError> {
     let listener_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let listener =
         crate::auth::invalidation::start(settings, invalidation_tx, listener_stop.clone());
-    let hash_params = HashParams {
-        memory_kib: config.auth.argon2_memory_kib,
-        iterations: config.auth.argon2_iterations,
-        parallelism: config.auth.argon2_parallelism,
-    };
     log::info!("core plan: {}", plan.describe());
     let metrics = plan
         .shards
@@ -188,6 +207,26 @@ pub fn serve(config: Config, plan: CorePlan) -> Result<(), ServeError> {
         shared.plan.shards.len()
     );
     println!("Triggers is listening on http://{addr}");
+    match &first_key {
+        Some(o) => {
+            println!(
+                "A first organization was created (tier {}). Its API key, shown only this once:",
+                o.tier
+            );
+            println!("  {}", o.api_key);
+            println!("Try it:");
+            println!(
+                "  curl -H 'X-API-Key: {}' http://{addr}/api/keys",
+                o.api_key
+            );
+        }
+        None => {
+            println!("Create an organization and its API key:");
+            println!(
+                "  curl -X POST http://{addr}/api/keys/generate -H 'Content-Type: application/json' -d '{{\"organization_name\": \"Acme\"}}'"
+            );
+        }
+    }
     println!("  curl http://{addr}/health");
     let signal = signals.forever().next();
     log::info!("signal {signal:?}: shutting down");

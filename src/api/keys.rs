@@ -93,47 +93,31 @@ pub fn generate(ctx: &Rc<ShardCtx>, req: &Request) -> Handled {
         Err(e) => return Handled::Ready(Err(e)),
     };
     let params = ctx.shared.hash_params;
-    let job = ctx.shared.verifier.submit(move |client| {
-        let org = uuid::Uuid::now_v7();
-        let (key_id, secret, full) = key::generate(org);
-        let hash = key::hash_secret(&secret, params).map_err(StoreError::Unavailable)?;
-        let mut tx = client.transaction()?;
-        let row = tx.query_one(
-            &format!(
-                "INSERT INTO organizations (organization_id, name, tier) VALUES ($1, $2, $3) RETURNING {}",
-                ts("created_at")
-            ),
-            &[&org, &name, &tier],
-        )?;
-        tx.execute(
-            "INSERT INTO api_keys (organization_id, key_id, secret_hash) VALUES ($1, $2, $3)",
-            &[&org, &key_id, &hash],
-        )?;
-        tx.commit()?;
-        let created: String = row.get(0);
-        Ok((org, name, tier, key_id, full, created))
-    });
+    let job = ctx
+        .shared
+        .verifier
+        .submit(move |client| crate::store::orgs::create(client, &name, &tier, params));
     let reply = match job {
         Ok(r) => r,
         Err(e) => return Handled::Ready(Err(store_error(e))),
     };
     let ctx = ctx.clone();
     Handled::Pending(Box::pin(async move {
-        let (org, name, tier, key_id, full, created) = reply
+        let o = reply
             .await
             .map_err(|_| ApiError::internal())?
             .map_err(store_error)?;
-        let limit = limit_for_tier(&ctx, &tier);
+        let limit = limit_for_tier(&ctx, &o.tier);
         Ok(json_response(
             201,
             &json!({
-                "organization_id": org,
-                "organization_name": name,
-                "key_id": key_id,
-                "api_key": full,
-                "tier": tier,
+                "organization_id": o.organization_id,
+                "organization_name": o.name,
+                "key_id": o.key_id,
+                "api_key": o.api_key,
+                "tier": o.tier,
                 "rate_limit_per_minute": limit,
-                "created_at": created,
+                "created_at": o.created_at,
                 "warning": "Store this API key now: it is shown only once and cannot be recovered.",
             }),
         ))

@@ -4,6 +4,7 @@
 
 pub mod local_cluster;
 pub mod migrations;
+pub mod orgs;
 pub mod workers;
 
 pub use workers::{QueryPool, Reply};
