@@ -403,8 +403,12 @@ impl Config {
             ("limits.business", self.limits.business),
             ("limits.enterprise", self.limits.enterprise),
         ] {
-            if v == 0 {
-                return Err(err(key, v, "must be greater than 0"));
+            if v == 0 || v > 1_000_000_000 {
+                return Err(err(
+                    key,
+                    v,
+                    "must be from 1 to 1000000000 requests per minute",
+                ));
             }
         }
         if self.delivery.jitter_percent > 100 {

@@ -82,8 +82,15 @@ impl Common {
     }
 }
 
+/// `RUST_LOG` sets levels (default `info`). The PostgreSQL client logs
+/// statement parameters at debug level (key hashes, payloads): it stays at
+/// `info` unless `RUST_LOG` names it explicitly.
 fn init_logging() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+    env_logger::Builder::new()
+        .filter_level(log::LevelFilter::Info)
+        .filter_module("tokio_postgres", log::LevelFilter::Info)
+        .filter_module("postgres", log::LevelFilter::Info)
+        .parse_env(env_logger::Env::default())
         .format_timestamp_micros()
         .init();
 }

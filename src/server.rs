@@ -167,12 +167,14 @@ pub fn serve(config: Config, plan: CorePlan) -> Result<(), ServeError> {
         settings.clone(),
         config.database.query_workers,
         config.database.query_queue,
+        plan.worker_core(),
     );
     let (verifier, verify_workers) = QueryPool::start(
         "verify",
         settings.clone(),
         config.auth.verify_workers,
         config.auth.verify_queue,
+        plan.worker_core(),
     );
     workers.extend(verify_workers);
     let (invalidation_tx, invalidation_rx): (Vec<_>, Vec<_>) = plan

@@ -101,6 +101,13 @@ impl CorePlan {
         })
     }
 
+    /// Where query and verifier threads run: the persistence core when no
+    /// shard uses it (Argon2 and database work then never preempt a shard),
+    /// else unpinned.
+    pub fn worker_core(&self) -> Option<usize> {
+        (self.pin && !self.shards.contains(&self.persistence)).then_some(self.persistence)
+    }
+
     /// A one-paragraph description for logs and `--print-config`.
     pub fn describe(&self) -> String {
         format!(

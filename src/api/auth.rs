@@ -361,8 +361,9 @@ fn load_and_verify(
         &format!(
             "SELECT k.secret_hash, o.organization_id, o.name, o.tier,
                     extract(epoch FROM k.expires_at - now())::float8,
-                    {}, {}
+                    {}, {}, w.url
                FROM api_keys k JOIN organizations o USING (organization_id)
+               LEFT JOIN webhooks w USING (organization_id)
               WHERE k.key_id = $1 AND k.revoked_at IS NULL
                 AND (k.expires_at IS NULL OR k.expires_at > now())",
             crate::store::ts("o.created_at"),
@@ -386,6 +387,7 @@ fn load_and_verify(
             key_id: key_id.to_string(),
             created_at: row.get(5),
             updated_at: row.get(6),
+            webhook_url: row.get(7),
         },
         expires_in.map(|s| Duration::from_secs_f64(s.max(0.0))),
     ))

@@ -124,58 +124,23 @@ pub fn generate(ctx: &Rc<ShardCtx>, req: &Request) -> Handled {
     }))
 }
 
-/// `GET /api/keys`.
+/// `GET /api/keys`: answered from the key cache (the principal carries the
+/// organization as of its verification; changes through this server
+/// invalidate it, other servers notify).
 pub fn show(ctx: &Rc<ShardCtx>, _req: Request, p: Rc<Principal>) -> Handled {
-    let org = p.organization_id;
-    let job = ctx.shared.queries.submit(move |client| {
-        let row = client.query_opt(
-            &format!(
-                "SELECT o.name, o.tier, {}, {}, w.url
-                   FROM organizations o LEFT JOIN webhooks w USING (organization_id)
-                  WHERE o.organization_id = $1",
-                ts("o.created_at"),
-                ts("o.updated_at")
-            ),
-            &[&org],
-        )?;
-        Ok(row.map(|r| {
-            let (name, tier, created, updated, url): (
-                String,
-                String,
-                String,
-                String,
-                Option<String>,
-            ) = (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
-            (name, tier, created, updated, url)
-        }))
-    });
-    let reply = match job {
-        Ok(r) => r,
-        Err(e) => return Handled::Ready(Err(store_error(e))),
-    };
-    let ctx = ctx.clone();
-    Handled::Pending(Box::pin(async move {
-        let row = reply
-            .await
-            .map_err(|_| ApiError::internal())?
-            .map_err(store_error)?;
-        let Some((name, tier, created, updated, url)) = row else {
-            return Err(ApiError::not_found());
-        };
-        Ok(json_response(
-            200,
-            &json!({
-                "organization_id": p.organization_id,
-                "organization_name": name,
-                "key_id": p.key_id,
-                "tier": tier,
-                "rate_limit_per_minute": limit_for_tier(&ctx, &tier),
-                "webhook_url": url,
-                "created_at": created,
-                "updated_at": updated,
-            }),
-        ))
-    }))
+    Handled::Ready(Ok(json_response(
+        200,
+        &json!({
+            "organization_id": p.organization_id,
+            "organization_name": p.organization_name,
+            "key_id": p.key_id,
+            "tier": p.tier,
+            "rate_limit_per_minute": limit_for_tier(ctx, &p.tier),
+            "webhook_url": p.webhook_url,
+            "created_at": p.created_at,
+            "updated_at": p.updated_at,
+        }),
+    )))
 }
 
 /// `POST /api/keys/rotate`.

@@ -19,6 +19,7 @@ pub struct Principal {
     pub key_id: String,
     pub created_at: String,
     pub updated_at: String,
+    pub webhook_url: Option<String>,
 }
 
 struct Entry {
@@ -167,6 +168,7 @@ mod tests {
             key_id: key_id.into(),
             created_at: String::new(),
             updated_at: String::new(),
+            webhook_url: None,
         })
     }
 

@@ -46,7 +46,7 @@ impl RateLimiter {
         now_ns: u64,
     ) -> Decision {
         let limit = limit_per_minute.max(1);
-        let interval = WINDOW_NS / limit;
+        let interval = (WINDOW_NS / limit).max(1);
         if self.tat.len() >= self.capacity && !self.tat.contains_key(&org) {
             // Organizations whose bucket is full again carry no state.
             self.tat.retain(|_, t| *t > now_ns);
@@ -138,6 +138,12 @@ mod tests {
         assert!(!l.check(a, 100, 41, 0).allowed);
         assert!(l.check(a, 100, 40, 0).allowed);
         assert!(l.check(b, 100, 100, 0).allowed);
+    }
+
+    #[test]
+    fn very_high_limits_do_not_divide_by_zero() {
+        let mut l = RateLimiter::new(16);
+        assert!(l.check(uuid::Uuid::new_v4(), u64::MAX, 1, 0).allowed);
     }
 
     #[test]

@@ -50,12 +50,14 @@ pub struct QueryPool {
 }
 
 impl QueryPool {
-    /// Starts `workers` threads sharing a queue of `capacity` jobs.
+    /// Starts `workers` threads sharing a queue of `capacity` jobs, pinned to
+    /// `core` when given.
     pub fn start(
         name: &str,
         settings: DbSettings,
         workers: usize,
         capacity: usize,
+        core: Option<usize>,
     ) -> (QueryPool, Vec<JoinHandle<()>>) {
         let (tx, rx) = bounded::<Job>(capacity);
         let handles = (0..workers)
@@ -65,6 +67,9 @@ impl QueryPool {
                 std::thread::Builder::new()
                     .name(format!("{name}-{i}"))
                     .spawn(move || {
+                        if let Some(core) = core {
+                            crate::topology::pin_current_thread(core, true);
+                        }
                         let mut conn = Connection::new(settings);
                         while let Ok(job) = rx.recv() {
                             job(&mut conn);

@@ -81,6 +81,29 @@ pub fn fresh_database() -> String {
     shared.cluster.url(&name)
 }
 
+/// A port no other server of this test process was given. Ports from
+/// `bind(0)` can repeat between concurrent starts, and two servers with
+/// `SO_REUSEPORT` on one port would split each other's connections.
+pub fn test_port() -> u16 {
+    use std::sync::atomic::AtomicU16;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        20_000 + (std::process::id() % 4_000) as u16 * 10,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    loop {
+        let port = NEXT.fetch_add(1, Ordering::SeqCst);
+        if port > 60_000 {
+            return free_port().expect("free port");
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_triggers")
 }
@@ -124,7 +147,7 @@ impl TestServer {
         settings: &[&str],
         env: &[(&str, &str)],
     ) -> TestServer {
-        let port = free_port().expect("free port");
+        let port = test_port();
         let log = dir.path().join("server.log");
         let mut cmd = Command::new(binary());
         cmd.arg("serve")
