@@ -85,6 +85,9 @@ pub struct IngestConfig {
     pub max_payload_bytes: usize,
     pub ring_capacity: usize,
     pub max_batch: usize,
+    /// How long the persistence core retries a batch before answering 503
+    /// for it (less than `http.request_timeout_ms`).
+    pub commit_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -204,6 +207,7 @@ impl Default for IngestConfig {
             max_payload_bytes: 256 * 1024,
             ring_capacity: 16 * 1024,
             max_batch: 1024,
+            commit_timeout_ms: 5_000,
         }
     }
 }
@@ -410,6 +414,18 @@ impl Config {
                     "must be from 1 to 1000000000 requests per minute",
                 ));
             }
+        }
+        if self.ingest.commit_timeout_ms == 0
+            || self.ingest.commit_timeout_ms >= self.http.request_timeout_ms
+        {
+            return Err(err(
+                "ingest.commit_timeout_ms",
+                self.ingest.commit_timeout_ms,
+                format!(
+                    "must be above 0 and below http.request_timeout_ms ({}), so a request is never answered before its commit is decided",
+                    self.http.request_timeout_ms
+                ),
+            ));
         }
         if self.delivery.jitter_percent > 100 {
             return Err(err(

@@ -74,6 +74,7 @@ pub struct ShardMetrics {
     pub auth_failures: Counter,
     pub auth_throttled: Counter,
     pub rate_limited: Counter,
+    pub events_accepted: Counter,
 }
 
 impl ShardMetrics {
@@ -96,6 +97,7 @@ impl ShardMetrics {
             auth_failures: Counter::default(),
             auth_throttled: Counter::default(),
             rate_limited: Counter::default(),
+            events_accepted: Counter::default(),
         }
     }
 
@@ -184,7 +186,13 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
             |m| m.cross_shard_messages.get() as i64,
         ),
     ];
-    let auth: [(&str, &str, &str, Read); 6] = [
+    let auth: [(&str, &str, &str, Read); 7] = [
+        (
+            "triggers_events_accepted_total",
+            "counter",
+            "Events handed to the persistence core.",
+            |m| m.events_accepted.get() as i64,
+        ),
         (
             "triggers_auth_cache_hits_total",
             "counter",

@@ -184,7 +184,15 @@ pub fn serve(config: Config, plan: CorePlan) -> Result<(), ServeError> {
         .unzip();
     let listener_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let listener =
-        crate::auth::invalidation::start(settings, invalidation_tx, listener_stop.clone());
+        crate::auth::invalidation::start(settings.clone(), invalidation_tx, listener_stop.clone());
+    let persistence = crate::persist::PersistenceCore::start(crate::persist::Settings {
+        db: settings.clone(),
+        shards: plan.shards.len(),
+        ring_capacity: config.ingest.ring_capacity,
+        max_batch: config.ingest.max_batch,
+        commit_timeout: Duration::from_millis(config.ingest.commit_timeout_ms),
+        core: plan.pin.then_some(plan.persistence),
+    });
     log::info!("core plan: {}", plan.describe());
     let metrics = plan
         .shards
@@ -201,6 +209,8 @@ pub fn serve(config: Config, plan: CorePlan) -> Result<(), ServeError> {
         verifier,
         hash_params,
         digester: SecretDigester::random(),
+        rings: persistence.rings.clone(),
+        persist_stats: persistence.stats.clone(),
         metrics,
     });
     let shards = shard::start(shared.clone(), addr, invalidation_rx)?;
@@ -234,6 +244,8 @@ pub fn serve(config: Config, plan: CorePlan) -> Result<(), ServeError> {
     log::info!("signal {signal:?}: shutting down");
     shards.shutdown();
     drop(shared);
+    // Every event queued before the shards stopped is committed (or answered) first.
+    persistence.stop();
     for w in workers {
         let _ = w.join();
     }

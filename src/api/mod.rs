@@ -10,6 +10,7 @@
 mod auth;
 mod body;
 mod error;
+mod events;
 mod keys;
 mod ops;
 
@@ -42,6 +43,9 @@ pub struct Shared {
     pub hash_params: HashParams,
     /// Keys the cache digests of secrets (random per process).
     pub digester: SecretDigester,
+    /// Each shard's ring into the persistence core, indexed by shard id.
+    pub rings: Vec<crate::persist::Ring>,
+    pub persist_stats: Arc<crate::persist::PersistStats>,
     /// One entry per shard, indexed by shard id.
     pub metrics: Vec<Arc<ShardMetrics>>,
 }
@@ -131,12 +135,14 @@ pub enum Route {
     KeysGenerate,
     Keys,
     KeysRotate,
+    Events,
+    Event,
     /// No route matched (404) or the request never reached routing.
     Unmatched,
 }
 
 impl Route {
-    pub const ALL: [Route; 8] = [
+    pub const ALL: [Route; 10] = [
         Route::Health,
         Route::HealthReady,
         Route::Status,
@@ -144,6 +150,8 @@ impl Route {
         Route::KeysGenerate,
         Route::Keys,
         Route::KeysRotate,
+        Route::Events,
+        Route::Event,
         Route::Unmatched,
     ];
 
@@ -156,6 +164,8 @@ impl Route {
             Route::KeysGenerate => "/api/keys/generate",
             Route::Keys => "/api/keys",
             Route::KeysRotate => "/api/keys/rotate",
+            Route::Events => "/api/events",
+            Route::Event => "/api/events/{id}",
             Route::Unmatched => "unmatched",
         }
     }
@@ -217,6 +227,10 @@ fn route(method: Method, path: &str) -> Result<(Route, Target), ApiError> {
         ("/api/keys/generate", Method::Post) => (Route::KeysGenerate, Open(keys::generate)),
         ("/api/keys", Method::Get) => (Route::Keys, Authed(keys::show)),
         ("/api/keys/rotate", Method::Post) => (Route::KeysRotate, Authed(keys::rotate)),
+        ("/api/events", Method::Post) => (Route::Events, Authed(events::create)),
+        ("/api/events", _) => return Err(ApiError::method_not_allowed("POST")),
+        (p, Method::Get) if is_event_path(p) => (Route::Event, Authed(events::get)),
+        (p, _) if is_event_path(p) => return Err(ApiError::method_not_allowed("GET")),
         ("/health" | "/health/ready" | "/status" | "/metrics" | "/api/keys", _) => {
             return Err(ApiError::method_not_allowed("GET"))
         }
@@ -226,6 +240,12 @@ fn route(method: Method, path: &str) -> Result<(Route, Target), ApiError> {
         _ => return Err(ApiError::not_found()),
     };
     Ok((route, target))
+}
+
+/// `/api/events/{id}` (one segment after the prefix).
+fn is_event_path(path: &str) -> bool {
+    path.strip_prefix("/api/events/")
+        .is_some_and(|id| !id.is_empty() && !id.contains('/') && id != "batch")
 }
 
 /// The largest body accepted for a method and path (the codec enforces it).

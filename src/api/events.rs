@@ -1,0 +1,245 @@
+//! Events: `POST /api/events` (validate on the shard, mint the UUIDv7 id,
+//! hand the event to the persistence core through this shard's ring, answer
+//! 202 after the commit) and `GET /api/events/{id}`.
+
+use super::body::{parse_object, require_json, FieldErrors};
+use super::{ApiError, Handled, ShardCtx};
+use crate::auth::Principal;
+use crate::http::{Request, Response};
+use crate::persist::{Enqueue, IngestItem};
+use crate::store::{ts, StoreError};
+use futures::channel::oneshot;
+use serde_json::{json, Value};
+use std::rc::Rc;
+use std::time::Instant;
+
+const FIELDS: [&str; 5] = ["type", "payload", "dedup_id", "source", "metadata"];
+
+fn json_response(status: u16, v: &Value) -> Response {
+    Response::json(status, serde_json::to_vec(v).unwrap_or_default())
+}
+
+fn valid_type(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 255
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'/' | b'-'))
+}
+
+/// An optional string field of at most 255 characters.
+fn optional_text(
+    obj: &serde_json::Map<String, Value>,
+    field: &str,
+    errors: &mut FieldErrors,
+) -> Option<String> {
+    match obj.get(field) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.chars().count() <= 255 => Some(s.clone()),
+        Some(Value::String(_)) => {
+            errors.add(field, "must be at most 255 characters");
+            None
+        }
+        Some(_) => {
+            errors.add(field, "must be a string");
+            None
+        }
+    }
+}
+
+/// A validated event, ready for the ring.
+pub struct NewEvent {
+    pub event_type: String,
+    pub payload: String,
+    pub source: Option<String>,
+    pub metadata: Option<String>,
+    pub dedup_id: Option<String>,
+}
+
+/// Validates one event object (shared with the batch route).
+pub fn validate(
+    obj: &serde_json::Map<String, Value>,
+    max_payload: usize,
+) -> Result<NewEvent, ApiError> {
+    let mut errors = FieldErrors::default();
+    errors.unknown_fields(obj, &FIELDS);
+    let event_type = match obj.get("type") {
+        Some(Value::String(t)) if valid_type(t) => t.clone(),
+        Some(Value::String(_)) => {
+            errors.add("type", "must be 1-255 characters of A-Z a-z 0-9 . _ : / -");
+            String::new()
+        }
+        Some(_) => {
+            errors.add("type", "must be a string");
+            String::new()
+        }
+        None => {
+            errors.add("type", "is required");
+            String::new()
+        }
+    };
+    let payload = match obj.get("payload") {
+        None => {
+            errors.add("payload", "is required");
+            String::new()
+        }
+        Some(Value::Null) => {
+            errors.add("payload", "must not be null");
+            String::new()
+        }
+        Some(v) => serde_json::to_string(v).unwrap_or_default(),
+    };
+    let source = optional_text(obj, "source", &mut errors);
+    let dedup_id = optional_text(obj, "dedup_id", &mut errors);
+    let metadata = match obj.get("metadata") {
+        None | Some(Value::Null) => None,
+        Some(v @ Value::Object(_)) => Some(serde_json::to_string(v).unwrap_or_default()),
+        Some(_) => {
+            errors.add("metadata", "must be an object");
+            None
+        }
+    };
+    errors.finish()?;
+    if payload.len() > max_payload {
+        return Err(ApiError::new(
+            413,
+            "payload_too_large",
+            format!("The payload exceeds {max_payload} bytes once serialized."),
+        )
+        .details(json!({"limit_bytes": max_payload})));
+    }
+    Ok(NewEvent {
+        event_type,
+        payload,
+        source,
+        metadata,
+        dedup_id,
+    })
+}
+
+/// `POST /api/events`.
+pub fn create(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
+    let cfg = &ctx.shared.config.ingest;
+    let event = match require_json(&req)
+        .and_then(|()| parse_object(&req.body))
+        .and_then(|obj| validate(&obj, cfg.max_payload_bytes))
+    {
+        Ok(e) => e,
+        Err(e) => return Handled::Ready(Err(e)),
+    };
+    let id = uuid::Uuid::now_v7();
+    let created_at = crate::time::now_micros();
+    let (done, committed) = oneshot::channel();
+    let answer = json!({
+        "id": id,
+        "type": event.event_type,
+        "status": "accepted",
+        "created_at": crate::time::rfc3339_micros(created_at),
+        "dedup_id": event.dedup_id,
+    });
+    let item = IngestItem {
+        organization_id: p.organization_id,
+        id,
+        event_type: event.event_type,
+        source: event.source,
+        payload: event.payload,
+        metadata: event.metadata,
+        dedup_id: event.dedup_id,
+        created_at,
+        queued: Instant::now(),
+        done: Some(done),
+    };
+    match ctx.shared.rings[ctx.id].try_push(item) {
+        Enqueue::Queued => {}
+        Enqueue::Full(_) => return Handled::Ready(Err(ApiError::overloaded(1))),
+        Enqueue::Stopped(_) => {
+            return Handled::Ready(Err(ApiError::unavailable("The write path is stopping.", 1)))
+        }
+    }
+    ctx.metrics.events_accepted.inc();
+    if cfg.ack == "memory" {
+        let mut a = answer;
+        a["durability"] = json!("memory");
+        return Handled::Ready(Ok(json_response(202, &a)));
+    }
+    Handled::Pending(Box::pin(async move {
+        match committed.await {
+            Ok(Ok(())) => Ok(json_response(202, &answer)),
+            _ => Err(ApiError::unavailable(
+                "The event could not be stored: the database does not answer. It was not accepted.",
+                1,
+            )),
+        }
+    }))
+}
+
+/// The `{id}` of `/api/events/{id}`, or 400.
+pub fn path_id(req: &Request) -> Result<uuid::Uuid, ApiError> {
+    let tail = req.path().trim_start_matches("/api/events/");
+    uuid::Uuid::parse_str(tail).map_err(|_| {
+        ApiError::new(400, "validation_error", "The event id must be a UUID.")
+            .details(json!({"id": "must be a UUID"}))
+    })
+}
+
+fn store_error(e: StoreError) -> ApiError {
+    match e {
+        StoreError::Overloaded => ApiError::overloaded(1),
+        other => {
+            log::warn!("event read failed: {other}");
+            ApiError::unavailable("The database does not answer; retry later.", 1)
+        }
+    }
+}
+
+/// `GET /api/events/{id}`.
+pub fn get(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
+    let id = match path_id(&req) {
+        Ok(id) => id,
+        Err(e) => return Handled::Ready(Err(e)),
+    };
+    let org = p.organization_id;
+    let job = ctx.shared.queries.submit(move |client| {
+        let row = client.query_opt(
+            &format!(
+                "SELECT id, type, source, payload, metadata, dedup_id, status, attempts, last_error,
+                        {}, {}, {}
+                   FROM events WHERE organization_id = $1 AND id = $2",
+                ts("created_at"),
+                ts("updated_at"),
+                ts("delivered_at")
+            ),
+            &[&org, &id],
+        )?;
+        Ok(row.map(|r| {
+            json!({
+                "id": r.get::<_, uuid::Uuid>(0),
+                "type": r.get::<_, String>(1),
+                "source": r.get::<_, Option<String>>(2),
+                "payload": r.get::<_, Value>(3),
+                "metadata": r.get::<_, Option<Value>>(4),
+                "dedup_id": r.get::<_, Option<String>>(5),
+                "status": r.get::<_, String>(6),
+                "attempts": r.get::<_, i32>(7),
+                "last_error": r.get::<_, Option<String>>(8),
+                "created_at": r.get::<_, String>(9),
+                "updated_at": r.get::<_, String>(10),
+                "delivered_at": r.get::<_, Option<String>>(11),
+                "deliveries": [],
+            })
+        }))
+    });
+    let reply = match job {
+        Ok(r) => r,
+        Err(e) => return Handled::Ready(Err(store_error(e))),
+    };
+    Handled::Pending(Box::pin(async move {
+        match reply
+            .await
+            .map_err(|_| ApiError::internal())?
+            .map_err(store_error)?
+        {
+            Some(v) => Ok(json_response(200, &v)),
+            None => Err(ApiError::not_found()),
+        }
+    }))
+}

@@ -1,0 +1,362 @@
+//! The persistence core: one OS thread, pinned to its core, with its own
+//! PostgreSQL connection. Each shard hands it events through its own bounded
+//! ring (a full ring is a 503 at the shard, never a wait). The core drains
+//! every ring into one batch, writes the batch with `COPY` in one
+//! transaction, commits, and only then completes every waiting request of
+//! the batch: natural group commit, no linger. While one commit is in flight
+//! the next batch fills.
+//!
+//! When PostgreSQL fails the batch is retried until `ingest.commit_timeout_ms`
+//! has passed since its oldest event was queued; then every request of the
+//! batch is answered `Unavailable` and the batch is dropped. The shard waits
+//! longer than that, so it never answers before the core has decided: an
+//! event that got a 202 is committed, one that got an error is not stored.
+
+use crate::store::DbSettings;
+use crossbeam_channel::{Receiver, Select, Sender, TrySendError};
+use futures::channel::oneshot;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// One event on its way to PostgreSQL.
+pub struct IngestItem {
+    pub organization_id: uuid::Uuid,
+    pub id: uuid::Uuid,
+    pub event_type: String,
+    pub source: Option<String>,
+    /// Compact JSON text.
+    pub payload: String,
+    pub metadata: Option<String>,
+    pub dedup_id: Option<String>,
+    /// Microseconds since the epoch.
+    pub created_at: i64,
+    pub queued: Instant,
+    /// Completed after the commit (or the decision not to commit).
+    pub done: Option<oneshot::Sender<Result<(), Unavailable>>>,
+}
+
+/// The batch holding an event could not be committed in time; it is not stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unavailable;
+
+/// Counters the persistence thread writes and scrapes read.
+#[derive(Default)]
+pub struct PersistStats {
+    pub events_committed: AtomicU64,
+    pub batches_committed: AtomicU64,
+    pub commit_micros_total: AtomicU64,
+    pub last_batch_size: AtomicU64,
+    pub events_failed: AtomicU64,
+    pub commit_errors: AtomicU64,
+    /// False while the database refuses writes.
+    pub healthy: AtomicBool,
+}
+
+/// A shard's end of its ring.
+#[derive(Clone)]
+pub struct Ring {
+    tx: Sender<IngestItem>,
+}
+
+pub enum Enqueue {
+    Queued,
+    Full(IngestItem),
+    Stopped(IngestItem),
+}
+
+impl Ring {
+    pub fn try_push(&self, item: IngestItem) -> Enqueue {
+        match self.tx.try_send(item) {
+            Ok(()) => Enqueue::Queued,
+            Err(TrySendError::Full(i)) => Enqueue::Full(i),
+            Err(TrySendError::Disconnected(i)) => Enqueue::Stopped(i),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.tx.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tx.is_empty()
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.tx.capacity().unwrap_or(0)
+    }
+}
+
+pub struct PersistenceCore {
+    pub rings: Vec<Ring>,
+    pub stats: Arc<PersistStats>,
+    handle: Option<JoinHandle<()>>,
+}
+
+pub struct Settings {
+    pub db: DbSettings,
+    pub shards: usize,
+    pub ring_capacity: usize,
+    pub max_batch: usize,
+    pub commit_timeout: Duration,
+    pub core: Option<usize>,
+}
+
+impl PersistenceCore {
+    pub fn start(s: Settings) -> PersistenceCore {
+        let (txs, rxs): (Vec<_>, Vec<_>) = (0..s.shards)
+            .map(|_| crossbeam_channel::bounded::<IngestItem>(s.ring_capacity))
+            .unzip();
+        let stats = Arc::new(PersistStats::default());
+        stats.healthy.store(true, Ordering::Relaxed);
+        let st = stats.clone();
+        let handle = std::thread::Builder::new()
+            .name("persistence".into())
+            .spawn(move || {
+                if let Some(core) = s.core {
+                    crate::topology::pin_current_thread(core, true);
+                }
+                run(rxs, s.db, s.max_batch, s.commit_timeout, &st);
+            })
+            .expect("spawn the persistence thread");
+        PersistenceCore {
+            rings: txs.into_iter().map(|tx| Ring { tx }).collect(),
+            stats,
+            handle: Some(handle),
+        }
+    }
+
+    /// Stops after the rings drain (every queued event is committed or answered).
+    pub fn stop(mut self) {
+        self.rings.clear();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn run(
+    rxs: Vec<Receiver<IngestItem>>,
+    db: DbSettings,
+    max_batch: usize,
+    commit_timeout: Duration,
+    stats: &PersistStats,
+) {
+    let mut client: Option<postgres::Client> = None;
+    let mut batch: Vec<IngestItem> = Vec::with_capacity(max_batch);
+    let mut copy = Vec::with_capacity(max_batch * 256);
+    let mut open = rxs.len();
+    let mut closed = vec![false; rxs.len()];
+    while open > 0 {
+        // Wait for the first event of the next batch.
+        let mut sel = Select::new();
+        for (i, rx) in rxs.iter().enumerate() {
+            if !closed[i] {
+                sel.recv(rx);
+            }
+        }
+        let op = sel.select();
+        let live: Vec<usize> = (0..rxs.len()).filter(|&i| !closed[i]).collect();
+        let idx = live[op.index()];
+        match op.recv(&rxs[idx]) {
+            Ok(item) => batch.push(item),
+            Err(_) => {
+                closed[idx] = true;
+                open -= 1;
+                continue;
+            }
+        }
+        // Everything already queued joins it, up to the batch limit.
+        'fill: loop {
+            let mut took = false;
+            for rx in &rxs {
+                while batch.len() < max_batch {
+                    match rx.try_recv() {
+                        Ok(item) => {
+                            batch.push(item);
+                            took = true;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                if batch.len() >= max_batch {
+                    break 'fill;
+                }
+            }
+            if !took {
+                break;
+            }
+        }
+        commit(
+            &mut client,
+            &db,
+            &mut batch,
+            &mut copy,
+            commit_timeout,
+            stats,
+        );
+    }
+}
+
+fn commit(
+    client: &mut Option<postgres::Client>,
+    db: &DbSettings,
+    batch: &mut Vec<IngestItem>,
+    copy: &mut Vec<u8>,
+    commit_timeout: Duration,
+    stats: &PersistStats,
+) {
+    copy.clear();
+    for item in batch.iter() {
+        encode_row(copy, item);
+    }
+    let oldest = batch
+        .iter()
+        .map(|i| i.queued)
+        .min()
+        .unwrap_or_else(Instant::now);
+    let mut backoff = Duration::from_millis(20);
+    let outcome = loop {
+        let started = Instant::now();
+        match write_batch(client, db, copy) {
+            Ok(()) => {
+                stats.healthy.store(true, Ordering::Relaxed);
+                stats
+                    .commit_micros_total
+                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                stats.batches_committed.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .events_committed
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                stats
+                    .last_batch_size
+                    .store(batch.len() as u64, Ordering::Relaxed);
+                break Ok(());
+            }
+            Err(e) => {
+                stats.commit_errors.fetch_add(1, Ordering::Relaxed);
+                stats.healthy.store(false, Ordering::Relaxed);
+                *client = None;
+                if oldest.elapsed() + backoff >= commit_timeout {
+                    log::warn!(
+                        "persistence: giving up on a batch of {} events: {e}",
+                        batch.len()
+                    );
+                    stats
+                        .events_failed
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    break Err(Unavailable);
+                }
+                log::debug!("persistence: batch failed, retrying: {e}");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
+        }
+    };
+    for mut item in batch.drain(..) {
+        if let Some(done) = item.done.take() {
+            let _ = done.send(outcome);
+        }
+    }
+}
+
+fn write_batch(
+    client: &mut Option<postgres::Client>,
+    db: &DbSettings,
+    copy: &[u8],
+) -> Result<(), String> {
+    if client.as_ref().is_none_or(|c| c.is_closed()) {
+        *client = Some(db.connect().map_err(|e| e.to_string())?);
+    }
+    let c = client.as_mut().ok_or("no connection")?;
+    let mut tx = c.transaction().map_err(|e| e.to_string())?;
+    {
+        let mut w = tx
+            .copy_in(
+                "COPY events (organization_id, id, type, source, payload, metadata, dedup_id, \
+                 status, created_at, updated_at) FROM STDIN",
+            )
+            .map_err(|e| e.to_string())?;
+        w.write_all(copy).map_err(|e| e.to_string())?;
+        w.finish().map_err(|e| e.to_string())?;
+    }
+    tx.commit().map_err(|e| e.to_string())
+}
+
+/// Appends `s` escaped for COPY's text format.
+fn copy_text(out: &mut Vec<u8>, s: &str) {
+    for &b in s.as_bytes() {
+        match b {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            _ => out.push(b),
+        }
+    }
+}
+
+fn copy_opt(out: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        Some(s) => copy_text(out, s),
+        None => out.extend_from_slice(b"\\N"),
+    }
+}
+
+fn encode_row(out: &mut Vec<u8>, i: &IngestItem) {
+    let ts = crate::time::rfc3339_micros(i.created_at);
+    let mut uuid = uuid::Uuid::encode_buffer();
+    out.extend_from_slice(
+        i.organization_id
+            .hyphenated()
+            .encode_lower(&mut uuid)
+            .as_bytes(),
+    );
+    out.push(b'\t');
+    out.extend_from_slice(i.id.hyphenated().encode_lower(&mut uuid).as_bytes());
+    out.push(b'\t');
+    copy_text(out, &i.event_type);
+    out.push(b'\t');
+    copy_opt(out, i.source.as_deref());
+    out.push(b'\t');
+    copy_text(out, &i.payload);
+    out.push(b'\t');
+    copy_opt(out, i.metadata.as_deref());
+    out.push(b'\t');
+    copy_opt(out, i.dedup_id.as_deref());
+    out.extend_from_slice(b"\tpending\t");
+    out.extend_from_slice(ts.as_bytes());
+    out.push(b'\t');
+    out.extend_from_slice(ts.as_bytes());
+    out.push(b'\n');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_rows_escape_text() {
+        let item = IngestItem {
+            organization_id: uuid::Uuid::nil(),
+            id: uuid::Uuid::nil(),
+            event_type: "a.b".into(),
+            source: None,
+            payload: "{\"k\":\"tab\\there\\\\ \\n\"}".into(),
+            metadata: Some("{}".into()),
+            dedup_id: None,
+            created_at: 0,
+            queued: Instant::now(),
+            done: None,
+        };
+        let mut out = Vec::new();
+        encode_row(&mut out, &item);
+        let line = String::from_utf8(out).expect("utf8");
+        assert_eq!(line.matches('\t').count(), 9);
+        assert!(line.ends_with('\n') && line.matches('\n').count() == 1);
+        assert!(line.contains("\\N"));
+        assert!(line.contains("tab\\\\there\\\\\\\\ \\\\n"), "{line}");
+    }
+}

@@ -1,0 +1,323 @@
+//! Durable ingestion over real sockets and PostgreSQL: the 202 shape, the id
+//! that is stored, every validation rule, tenant isolation on reads, many
+//! concurrent ingests all committed, and the memory ack mode.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+fn settings<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut s: Vec<&str> = FAST_ARGON2.to_vec();
+    s.extend_from_slice(extra);
+    s
+}
+
+fn post_event(port: u16, key: &str, body: &str) -> HttpResponse {
+    call(
+        port,
+        "POST",
+        "/api/events",
+        &[("X-API-Key", key)],
+        Some(body),
+    )
+}
+
+#[test]
+fn accepted_events_are_stored_exactly() {
+    let db = fresh_database();
+    let s = TestServer::start(Some(&db), &settings(&["cores.shards=[0]"]));
+    let key = generate_key(s.port, "Ingest", "enterprise")["api_key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    let body = r#"{"type":"user.created","payload":{"user_id":"12345","text":"tab\there \\ \"quoted\" \n ünïcode"},"source":"crm","metadata":{"trace":"abc"},"dedup_id":"d-1"}"#;
+    let r = post_event(s.port, &key, body);
+    assert_eq!(r.status, 202, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["status"], "accepted");
+    assert_eq!(v["type"], "user.created");
+    assert_eq!(v["dedup_id"], "d-1");
+    assert!(
+        v["created_at"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z') && t.len() == 27),
+        "{v}"
+    );
+    assert!(r.header("x-ratelimit-remaining").is_some());
+    let id = uuid::Uuid::parse_str(v["id"].as_str().expect("id")).expect("uuid");
+    assert_eq!(id.get_version_num(), 7);
+
+    // The 202 came after the commit: the row is there, byte for byte.
+    let mut c = postgres::Client::connect(&db, postgres::NoTls).expect("connect");
+    let row = c
+        .query_one(
+            "SELECT payload, metadata, type, source, dedup_id, status FROM events WHERE id = $1",
+            &[&id],
+        )
+        .expect("stored");
+    let sent: serde_json::Value = serde_json::from_str(body).expect("json");
+    assert_eq!(row.get::<_, serde_json::Value>(0), sent["payload"]);
+    assert_eq!(row.get::<_, serde_json::Value>(1), sent["metadata"]);
+    assert_eq!(row.get::<_, String>(2), "user.created");
+    assert_eq!(row.get::<_, Option<String>>(3).as_deref(), Some("crm"));
+    assert_eq!(row.get::<_, String>(5), "pending");
+
+    let r = call(
+        s.port,
+        "GET",
+        &format!("/api/events/{id}"),
+        &[("X-API-Key", &key)],
+        None,
+    );
+    assert_eq!(r.status, 200);
+    let e = r.json();
+    assert_eq!(e["id"], v["id"]);
+    assert_eq!(e["payload"], sent["payload"]);
+    assert_eq!(e["status"], "pending");
+    assert_eq!(e["attempts"], 0);
+    assert_eq!(e["created_at"], v["created_at"]);
+    assert!(e["delivered_at"].is_null() && e["last_error"].is_null());
+
+    // Any JSON value but null is a payload.
+    for p in ["1", "\"text\"", "[1,2]", "true", "{}"] {
+        let r = post_event(s.port, &key, &format!(r#"{{"type":"t","payload":{p}}}"#));
+        assert_eq!(r.status, 202, "{p}: {}", r.text());
+        assert!(r.json()["dedup_id"].is_null());
+    }
+}
+
+#[test]
+fn every_validation_rule_has_its_answer() {
+    let db = fresh_database();
+    let s = TestServer::start(
+        Some(&db),
+        &settings(&[
+            "cores.shards=[0]",
+            "ingest.max_payload_bytes=1000",
+            "ingest.max_body_bytes=4000",
+        ]),
+    );
+    let key = generate_key(s.port, "Strict", "enterprise")["api_key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    let long = "x".repeat(256);
+    let cases: Vec<(String, &str)> = vec![
+        (r#"{"payload":{}}"#.into(), "type"),
+        (r#"{"type":"","payload":{}}"#.into(), "type"),
+        (r#"{"type":"has space","payload":{}}"#.into(), "type"),
+        (r#"{"type":"é","payload":{}}"#.into(), "type"),
+        (format!(r#"{{"type":"{long}","payload":{{}}}}"#), "type"),
+        (r#"{"type":5,"payload":{}}"#.into(), "type"),
+        (r#"{"type":"t"}"#.into(), "payload"),
+        (r#"{"type":"t","payload":null}"#.into(), "payload"),
+        (
+            format!(r#"{{"type":"t","payload":{{}},"dedup_id":"{long}"}}"#),
+            "dedup_id",
+        ),
+        (
+            r#"{"type":"t","payload":{},"dedup_id":7}"#.into(),
+            "dedup_id",
+        ),
+        (
+            format!(r#"{{"type":"t","payload":{{}},"source":"{long}"}}"#),
+            "source",
+        ),
+        (
+            r#"{"type":"t","payload":{},"metadata":"m"}"#.into(),
+            "metadata",
+        ),
+        (
+            r#"{"type":"t","payload":{},"metdata":{}}"#.into(),
+            "metdata",
+        ),
+    ];
+    for (body, field) in &cases {
+        let r = post_event(s.port, &key, body);
+        assert_eq!(r.status, 400, "{body}");
+        let v = r.json();
+        assert_eq!(v["code"], "validation_error", "{body}");
+        assert!(v["details"][*field].is_string(), "{body}: {v}");
+    }
+    let r = post_event(s.port, &key, "{\"type\": \"t\",\n \"payload\": }");
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["code"], "malformed_json");
+    assert_eq!(r.json()["details"]["line"], 2);
+    let r = post_event(s.port, &key, "[]");
+    assert_eq!(r.json()["code"], "validation_error");
+
+    let big = format!(r#"{{"type":"t","payload":"{}"}}"#, "y".repeat(1200));
+    let r = post_event(s.port, &key, &big);
+    assert_eq!(r.status, 413);
+    assert_eq!(r.json()["code"], "payload_too_large");
+    assert_eq!(r.json()["details"]["limit_bytes"], 1000);
+    let huge = format!(r#"{{"type":"t","payload":"{}"}}"#, "y".repeat(5000));
+    let r = post_event(s.port, &key, &huge);
+    assert_eq!(r.status, 413);
+    assert_eq!(r.json()["details"]["limit_bytes"], 4000);
+
+    let r = request(
+        s.port,
+        &format!("POST /api/events HTTP/1.1\r\nX-API-Key: {key}\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"),
+    );
+    assert_eq!(r.status, 415);
+    // 401 comes before 415 and body checks.
+    let r = request(s.port, "POST /api/events HTTP/1.1\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}");
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        call(s.port, "GET", "/api/events", &[("X-API-Key", &key)], None).status,
+        405
+    );
+    let r = call(
+        s.port,
+        "GET",
+        "/api/events/not-a-uuid",
+        &[("X-API-Key", &key)],
+        None,
+    );
+    assert_eq!(
+        (r.status, r.json()["code"].as_str()),
+        (400, Some("validation_error"))
+    );
+
+    // Nothing that was refused was stored.
+    let mut c = postgres::Client::connect(&db, postgres::NoTls).expect("connect");
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM events", &[])
+        .expect("count")
+        .get(0);
+    assert_eq!(n, 0);
+}
+
+#[test]
+fn another_organizations_event_is_not_found() {
+    let db = fresh_database();
+    let s = TestServer::start(Some(&db), &settings(&["cores.shards=[0, 1]"]));
+    let a = generate_key(s.port, "A", "pro")["api_key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    let b = generate_key(s.port, "B", "pro")["api_key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    let id = post_event(s.port, &a, r#"{"type":"t","payload":{"secret":"a's"}}"#).json()["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    assert_eq!(
+        call(
+            s.port,
+            "GET",
+            &format!("/api/events/{id}"),
+            &[("X-API-Key", &a)],
+            None
+        )
+        .status,
+        200
+    );
+    let r = call(
+        s.port,
+        "GET",
+        &format!("/api/events/{id}"),
+        &[("X-API-Key", &b)],
+        None,
+    );
+    assert_eq!(r.status, 404);
+    assert!(!r.text().contains("a's"));
+    let r = call(
+        s.port,
+        "GET",
+        &format!("/api/events/{}", uuid::Uuid::now_v7()),
+        &[("X-API-Key", &a)],
+        None,
+    );
+    assert_eq!(r.status, 404);
+}
+
+#[test]
+fn concurrent_ingest_every_202_is_committed() {
+    let db = fresh_database();
+    let s = TestServer::start(
+        Some(&db),
+        &settings(&["cores.shards=[0, 1]", "limits.enterprise=1000000"]),
+    );
+    let key = generate_key(s.port, "Busy", "enterprise")["api_key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    let port = s.port;
+    let workers: Vec<_> = (0..8)
+        .map(|t| {
+            let key = key.clone();
+            std::thread::spawn(move || {
+                let mut ids = Vec::new();
+                let mut c = connect(port);
+                for i in 0..100 {
+                    let body = format!(r#"{{"type":"load.test","payload":{{"t":{t},"i":{i}}}}}"#);
+                    let raw = format!(
+                        "POST /api/events HTTP/1.1\r\nX-API-Key: {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    std::io::Write::write_all(&mut c, raw.as_bytes()).expect("write");
+                    let r = read_responses(&mut c, 1);
+                    assert_eq!(r[0].status, 202, "{}", r[0].text());
+                    ids.push((uuid::Uuid::parse_str(r[0].json()["id"].as_str().expect("id")).expect("uuid"), t, i));
+                }
+                ids
+            })
+        })
+        .collect();
+    let ids: Vec<(uuid::Uuid, i32, i32)> = workers
+        .into_iter()
+        .flat_map(|w| w.join().expect("worker"))
+        .collect();
+    assert_eq!(ids.len(), 800);
+    let mut c = postgres::Client::connect(&db, postgres::NoTls).expect("connect");
+    for (id, t, i) in &ids {
+        let row = c
+            .query_one("SELECT payload FROM events WHERE id = $1", &[id])
+            .expect("committed");
+        assert_eq!(
+            row.get::<_, serde_json::Value>(0),
+            serde_json::json!({"t": t, "i": i})
+        );
+    }
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM events", &[])
+        .expect("count")
+        .get(0);
+    assert_eq!(n, 800);
+    let metrics = s.get("/metrics").text();
+    assert!(metrics.contains("triggers_events_accepted_total"));
+}
+
+#[test]
+fn memory_ack_says_so() {
+    let db = fresh_database();
+    let s = TestServer::start(
+        Some(&db),
+        &settings(&["cores.shards=[0]", "ingest.ack=memory"]),
+    );
+    let key = generate_key(s.port, "Fast", "pro")["api_key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    let r = post_event(s.port, &key, r#"{"type":"t","payload":{}}"#);
+    assert_eq!(r.status, 202);
+    assert_eq!(r.json()["durability"], "memory");
+    assert_eq!(s.get("/status").json()["ack_mode"], "memory");
+    let id = r.json()["id"].as_str().expect("id").to_string();
+    assert!(eventually(Duration::from_secs(5), || {
+        call(
+            s.port,
+            "GET",
+            &format!("/api/events/{id}"),
+            &[("X-API-Key", &key)],
+            None,
+        )
+        .status
+            == 200
+    }));
+}
