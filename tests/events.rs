@@ -321,3 +321,81 @@ fn memory_ack_says_so() {
             == 200
     }));
 }
+
+#[test]
+fn database_outage_gives_503s_and_loses_nothing() {
+    let dir = open_tempdir();
+    let mut cluster = start_cluster(dir.path());
+    let url = cluster.url("postgres");
+    let s = TestServer::start(
+        Some(&url),
+        &settings(&[
+            "cores.shards=[0]",
+            "ingest.commit_timeout_ms=1000",
+            "http.request_timeout_ms=3000",
+            "database.connect_timeout_ms=300",
+        ]),
+    );
+    let key = generate_key(s.port, "Outage", "enterprise")["api_key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    let mut ingest = |n: usize, accepted: &mut Vec<String>, refused: &mut i32| {
+        for i in 0..n {
+            let r = post_event(
+                s.port,
+                &key,
+                &format!(r#"{{"type":"outage","payload":{{"i":{i}}}}}"#),
+            );
+            match r.status {
+                202 => accepted.push(r.json()["id"].as_str().expect("id").to_string()),
+                503 => {
+                    assert!(r.header("retry-after").is_some());
+                    *refused += 1;
+                }
+                other => panic!("unexpected {other}: {}", r.text()),
+            }
+        }
+    };
+    ingest(20, &mut accepted, &mut refused);
+    assert_eq!(accepted.len(), 20);
+    cluster.stop().expect("stop");
+    ingest(5, &mut accepted, &mut refused);
+    assert!(
+        refused >= 5,
+        "ingest during the outage must be refused, got {refused} refusals"
+    );
+    assert_eq!(
+        s.get("/health").status,
+        200,
+        "the server survives the outage"
+    );
+    cluster.start().expect("start");
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            let before = accepted.len();
+            ingest(1, &mut accepted, &mut refused);
+            accepted.len() > before
+        }),
+        "ingest did not resume\n{}",
+        s.log_text()
+    );
+    ingest(10, &mut accepted, &mut refused);
+    let mut c = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+    let stored: Vec<String> = c
+        .query("SELECT id::text FROM events", &[])
+        .expect("query")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for id in &accepted {
+        assert!(stored.contains(id), "202'd event {id} is missing");
+    }
+    assert_eq!(
+        stored.len(),
+        accepted.len(),
+        "an event that got an error was stored"
+    );
+}
