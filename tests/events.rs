@@ -7,12 +7,6 @@ mod common;
 use common::*;
 use std::time::Duration;
 
-fn settings<'a>(extra: &[&'a str]) -> Vec<&'a str> {
-    let mut s: Vec<&str> = FAST_ARGON2.to_vec();
-    s.extend_from_slice(extra);
-    s
-}
-
 fn post_event(port: u16, key: &str, body: &str) -> HttpResponse {
     call(
         port,
@@ -342,7 +336,7 @@ fn database_outage_gives_503s_and_loses_nothing() {
         .to_string();
     let mut accepted = Vec::new();
     let mut refused = 0;
-    let mut ingest = |n: usize, accepted: &mut Vec<String>, refused: &mut i32| {
+    let ingest = |n: usize, accepted: &mut Vec<String>, refused: &mut i32| {
         for i in 0..n {
             let r = post_event(
                 s.port,

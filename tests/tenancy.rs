@@ -18,12 +18,6 @@ fn heavy() -> std::sync::MutexGuard<'static, ()> {
     HEAVY.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn settings<'a>(extra: &[&'a str]) -> Vec<&'a str> {
-    let mut s: Vec<&str> = FAST_ARGON2.to_vec();
-    s.extend_from_slice(extra);
-    s
-}
-
 fn get_keys(port: u16, key: &str) -> HttpResponse {
     call(port, "GET", "/api/keys", &[("X-API-Key", key)], None)
 }

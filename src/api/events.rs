@@ -3,21 +3,17 @@
 //! 202 after the commit) and `GET /api/events/{id}`.
 
 use super::body::{parse_object, require_json, FieldErrors};
-use super::{ApiError, Handled, ShardCtx};
+use super::{json_response, store_error, ApiError, Handled, ShardCtx};
 use crate::auth::Principal;
-use crate::http::{Request, Response};
+use crate::http::Request;
 use crate::persist::{Enqueue, IngestItem};
-use crate::store::{ts, StoreError};
+use crate::store::ts;
 use futures::channel::oneshot;
 use serde_json::{json, Value};
 use std::rc::Rc;
 use std::time::Instant;
 
 const FIELDS: [&str; 5] = ["type", "payload", "dedup_id", "source", "metadata"];
-
-fn json_response(status: u16, v: &Value) -> Response {
-    Response::json(status, serde_json::to_vec(v).unwrap_or_default())
-}
 
 fn valid_type(t: &str) -> bool {
     !t.is_empty()
@@ -179,16 +175,6 @@ pub fn path_id(req: &Request) -> Result<uuid::Uuid, ApiError> {
         ApiError::new(400, "validation_error", "The event id must be a UUID.")
             .details(json!({"id": "must be a UUID"}))
     })
-}
-
-fn store_error(e: StoreError) -> ApiError {
-    match e {
-        StoreError::Overloaded => ApiError::overloaded(1),
-        other => {
-            log::warn!("event read failed: {other}");
-            ApiError::unavailable("The database does not answer; retry later.", 1)
-        }
-    }
 }
 
 /// `GET /api/events/{id}`.

@@ -5,29 +5,15 @@
 
 use super::auth::limit_for_tier;
 use super::body::{parse_object, require_json, FieldErrors};
-use super::{bearer, constant_time_eq, ApiError, Handled, ShardCtx};
+use super::{bearer, constant_time_eq, json_response, store_error, ApiError, Handled, ShardCtx};
 use crate::auth::invalidation::CHANNEL;
 use crate::auth::{key, Principal};
-use crate::http::{Request, Response};
+use crate::http::Request;
 use crate::store::{ts, StoreError};
 use serde_json::{json, Value};
 use std::rc::Rc;
 
 const TIERS: [&str; 4] = ["free", "pro", "business", "enterprise"];
-
-fn json_response(status: u16, v: &Value) -> Response {
-    Response::json(status, serde_json::to_vec(v).unwrap_or_default())
-}
-
-fn store_error(e: StoreError) -> ApiError {
-    match e {
-        StoreError::Overloaded => ApiError::overloaded(1),
-        other => {
-            log::warn!("key administration failed: {other}");
-            ApiError::unavailable("The database does not answer; retry later.", 1)
-        }
-    }
-}
 
 fn check_admin(ctx: &ShardCtx, req: &Request) -> Result<(), ApiError> {
     let token = &ctx.shared.config.auth.admin_token;

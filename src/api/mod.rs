@@ -345,6 +345,23 @@ fn finish(ctx: &ShardCtx, route: Route, request_id: String, mut r: Response) -> 
     r
 }
 
+/// A JSON response with `status`.
+fn json_response(status: u16, v: &serde_json::Value) -> Response {
+    Response::json(status, serde_json::to_vec(v).unwrap_or_default())
+}
+
+/// Maps a query-worker failure to the API: a full queue is 503 `overloaded`,
+/// anything else 503 `unavailable` (logged, not shown).
+fn store_error(e: crate::store::StoreError) -> ApiError {
+    match e {
+        crate::store::StoreError::Overloaded => ApiError::overloaded(1),
+        other => {
+            log::warn!("database work failed: {other}");
+            ApiError::unavailable("The database does not answer; retry later.", 1)
+        }
+    }
+}
+
 /// The token of `Authorization: Bearer <token>`, if present.
 pub fn bearer(req: &Request) -> Option<&str> {
     let v = req.header_str("authorization")?.trim();

@@ -113,6 +113,11 @@ pub async fn serve(
     let http = &ctx.shared.config.http;
     let request_timeout = Duration::from_millis(http.request_timeout_ms);
     let idle_timeout = Duration::from_millis(http.idle_timeout_ms);
+    // Work on other threads (queries, commits) gets the request timeout, and
+    // always outlasts the persistence core's commit deadline by a second: a
+    // request is never answered before its commit is decided.
+    let commit_timeout = Duration::from_millis(ctx.shared.config.ingest.commit_timeout_ms);
+    let pending_timeout = request_timeout.max(commit_timeout + Duration::from_secs(1));
     let _ = stream.set_nodelay(true);
     let _ = stream.set_write_timeout(Some(request_timeout));
     let config = &ctx.shared.config;
@@ -162,7 +167,7 @@ pub async fn serve(
                                     break 'conn;
                                 }
                                 let future = &mut pending.future;
-                                let done = glommio::timer::timeout(request_timeout, async move {
+                                let done = glommio::timer::timeout(pending_timeout, async move {
                                     Ok(future.await)
                                 })
                                 .await;

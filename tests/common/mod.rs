@@ -408,3 +408,10 @@ pub fn generate_key(port: u16, name: &str, tier: &str) -> serde_json::Value {
 
 /// Small Argon2 parameters so tests run fast in debug builds.
 pub const FAST_ARGON2: [&str; 2] = ["auth.argon2_memory_kib=1024", "auth.argon2_iterations=1"];
+
+/// `extra` settings plus the fast Argon2 parameters.
+pub fn settings<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut s: Vec<&str> = FAST_ARGON2.to_vec();
+    s.extend_from_slice(extra);
+    s
+}
