@@ -11,6 +11,7 @@ mod auth;
 mod body;
 mod error;
 mod events;
+mod inbox;
 mod keys;
 mod ops;
 
@@ -137,12 +138,16 @@ pub enum Route {
     KeysRotate,
     Events,
     Event,
+    EventDelete,
+    Inbox,
+    Ack,
+    AckBulk,
     /// No route matched (404) or the request never reached routing.
     Unmatched,
 }
 
 impl Route {
-    pub const ALL: [Route; 10] = [
+    pub const ALL: [Route; 14] = [
         Route::Health,
         Route::HealthReady,
         Route::Status,
@@ -152,6 +157,10 @@ impl Route {
         Route::KeysRotate,
         Route::Events,
         Route::Event,
+        Route::EventDelete,
+        Route::Inbox,
+        Route::Ack,
+        Route::AckBulk,
         Route::Unmatched,
     ];
 
@@ -166,6 +175,10 @@ impl Route {
             Route::KeysRotate => "/api/keys/rotate",
             Route::Events => "/api/events",
             Route::Event => "/api/events/{id}",
+            Route::EventDelete => "DELETE /api/events/{id}",
+            Route::Inbox => "/api/inbox",
+            Route::Ack => "/api/ack/{id}",
+            Route::AckBulk => "/api/ack",
             Route::Unmatched => "unmatched",
         }
     }
@@ -230,7 +243,14 @@ fn route(method: Method, path: &str) -> Result<(Route, Target), ApiError> {
         ("/api/events", Method::Post) => (Route::Events, Authed(events::create)),
         ("/api/events", _) => return Err(ApiError::method_not_allowed("POST")),
         (p, Method::Get) if is_event_path(p) => (Route::Event, Authed(events::get)),
-        (p, _) if is_event_path(p) => return Err(ApiError::method_not_allowed("GET")),
+        (p, Method::Delete) if is_event_path(p) => (Route::EventDelete, Authed(inbox::delete)),
+        (p, _) if is_event_path(p) => return Err(ApiError::method_not_allowed("GET, DELETE")),
+        ("/api/inbox", Method::Get) => (Route::Inbox, Authed(inbox::list)),
+        ("/api/inbox", _) => return Err(ApiError::method_not_allowed("GET")),
+        ("/api/ack", Method::Post) => (Route::AckBulk, Authed(inbox::ack_bulk)),
+        ("/api/ack", _) => return Err(ApiError::method_not_allowed("POST")),
+        (p, Method::Post) if is_ack_path(p) => (Route::Ack, Authed(inbox::ack)),
+        (p, _) if is_ack_path(p) => return Err(ApiError::method_not_allowed("POST")),
         ("/health" | "/health/ready" | "/status" | "/metrics" | "/api/keys", _) => {
             return Err(ApiError::method_not_allowed("GET"))
         }
@@ -246,6 +266,12 @@ fn route(method: Method, path: &str) -> Result<(Route, Target), ApiError> {
 fn is_event_path(path: &str) -> bool {
     path.strip_prefix("/api/events/")
         .is_some_and(|id| !id.is_empty() && !id.contains('/') && id != "batch")
+}
+
+/// `/api/ack/{id}`.
+fn is_ack_path(path: &str) -> bool {
+    path.strip_prefix("/api/ack/")
+        .is_some_and(|id| !id.is_empty() && !id.contains('/'))
 }
 
 /// The largest body accepted for a method and path (the codec enforces it).

@@ -13,6 +13,23 @@ pub fn health(_ctx: &Rc<ShardCtx>, _req: &Request) -> Handled {
 }
 
 pub fn ready(ctx: &Rc<ShardCtx>, _req: &Request) -> Handled {
+    // The write path: the persistence core's last commit failed, or a ring is nearly full.
+    if !ctx
+        .shared
+        .persist_stats
+        .healthy
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        return Handled::Ready(Err(not_ready("the write path cannot commit")));
+    }
+    if ctx
+        .shared
+        .rings
+        .iter()
+        .any(|r| r.len() * 10 > r.capacity() * 9)
+    {
+        return Handled::Ready(Err(not_ready("the write path is saturated")));
+    }
     let reply = match ctx.shared.queries.submit(|client| {
         client.simple_query("SELECT 1")?;
         Ok(())

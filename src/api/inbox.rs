@@ -1,0 +1,341 @@
+//! The consumer side: `GET /api/inbox` (oldest first, keyset cursor on the
+//! time-ordered event id), `POST /api/ack/{id}`, bulk `POST /api/ack` and
+//! `DELETE /api/events/{id}`. Every query is scoped by the caller's
+//! organization: another organization's event is simply not found.
+
+use super::body::{parse_object, require_json, FieldErrors};
+use super::{json_response, store_error, ApiError, Handled, ShardCtx};
+use crate::auth::Principal;
+use crate::http::{Request, Response};
+use crate::store::ts;
+use base64::Engine as _;
+use serde_json::{json, Value};
+use std::rc::Rc;
+
+const STATUSES: [&str; 5] = ["pending", "delivered", "failed", "dead_letter", "all"];
+
+/// Parsed inbox query parameters.
+#[derive(Debug, PartialEq)]
+pub struct InboxQuery {
+    pub status: String,
+    pub event_type: Option<String>,
+    pub limit: i64,
+    pub after: Option<uuid::Uuid>,
+    pub wait: u64,
+}
+
+fn decode_component(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                match u8::from_str_radix(
+                    std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"),
+                    16,
+                ) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn encode_cursor(id: uuid::Uuid) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(id.as_bytes())
+}
+
+fn decode_cursor(c: &str) -> Option<uuid::Uuid> {
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(c)
+        .ok()?;
+    uuid::Uuid::from_slice(&bytes).ok()
+}
+
+/// Parses and validates the query string; 400 naming each bad parameter.
+pub fn parse_query(query: Option<&str>) -> Result<InboxQuery, ApiError> {
+    let mut q = InboxQuery {
+        status: "pending".into(),
+        event_type: None,
+        limit: 100,
+        after: None,
+        wait: 0,
+    };
+    let mut errors = FieldErrors::default();
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = decode_component(v);
+        match k {
+            "status" if STATUSES.contains(&v.as_str()) => q.status = v,
+            "status" => errors.add(
+                "status",
+                "must be pending, delivered, failed, dead_letter or all",
+            ),
+            "type" if !v.is_empty() && v.len() <= 255 => q.event_type = Some(v),
+            "type" => errors.add("type", "must be 1-255 characters"),
+            "limit" => match v.parse::<i64>() {
+                Ok(n) if (1..=1000).contains(&n) => q.limit = n,
+                _ => errors.add("limit", "must be an integer from 1 to 1000"),
+            },
+            "cursor" => match decode_cursor(&v) {
+                Some(id) => q.after = Some(id),
+                None => errors.add("cursor", "is not a cursor this server issued"),
+            },
+            "wait" => match v.parse::<u64>() {
+                Ok(n) if n <= 30 => q.wait = n,
+                _ => errors.add("wait", "must be whole seconds from 0 to 30"),
+            },
+            other => errors.add(other, "unknown parameter"),
+        }
+    }
+    errors.finish().map(|()| q)
+}
+
+/// `GET /api/inbox`.
+pub fn list(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
+    let q = match parse_query(req.query()) {
+        Ok(q) => q,
+        Err(e) => return Handled::Ready(Err(e)),
+    };
+    let org = p.organization_id;
+    let job = ctx.shared.queries.submit(move |client| {
+        let status: Option<&str> = (q.status != "all").then_some(q.status.as_str());
+        let rows = client.query(
+            &format!(
+                "SELECT id, type, source, payload, metadata, dedup_id, status, attempts, last_error,
+                        {}, {}, {}
+                   FROM events
+                  WHERE organization_id = $1
+                    AND ($2::text IS NULL OR status = $2)
+                    AND ($3::text IS NULL OR type = $3)
+                    AND ($4::uuid IS NULL OR id > $4)
+                  ORDER BY id
+                  LIMIT $5",
+                ts("created_at"),
+                ts("updated_at"),
+                ts("delivered_at")
+            ),
+            &[&org, &status, &q.event_type, &q.after, &(q.limit + 1)],
+        )?;
+        let total: i64 = client
+            .query_one(
+                "SELECT count(*) FROM events WHERE organization_id = $1 AND status <> 'delivered'",
+                &[&org],
+            )?
+            .get(0);
+        let has_more = rows.len() as i64 > q.limit;
+        let events: Vec<(uuid::Uuid, Value)> = rows
+            .iter()
+            .take(q.limit as usize)
+            .map(|r| {
+                let id: uuid::Uuid = r.get(0);
+                (
+                    id,
+                    json!({
+                        "id": id,
+                        "type": r.get::<_, String>(1),
+                        "source": r.get::<_, Option<String>>(2),
+                        "payload": r.get::<_, Value>(3),
+                        "metadata": r.get::<_, Option<Value>>(4),
+                        "dedup_id": r.get::<_, Option<String>>(5),
+                        "status": r.get::<_, String>(6),
+                        "attempts": r.get::<_, i32>(7),
+                        "last_error": r.get::<_, Option<String>>(8),
+                        "created_at": r.get::<_, String>(9),
+                        "updated_at": r.get::<_, String>(10),
+                        "delivered_at": r.get::<_, Option<String>>(11),
+                    }),
+                )
+            })
+            .collect();
+        Ok((events, has_more, total, q.limit))
+    });
+    let reply = match job {
+        Ok(r) => r,
+        Err(e) => return Handled::Ready(Err(store_error(e))),
+    };
+    Handled::Pending(Box::pin(async move {
+        let (events, has_more, total, limit) = reply
+            .await
+            .map_err(|_| ApiError::internal())?
+            .map_err(store_error)?;
+        let next = if has_more {
+            events.last().map(|(id, _)| encode_cursor(*id))
+        } else {
+            None
+        };
+        let list: Vec<Value> = events.into_iter().map(|(_, v)| v).collect();
+        Ok(json_response(
+            200,
+            &json!({
+                "events": list,
+                "pagination": {"next_cursor": next, "has_more": has_more, "limit": limit, "total_undelivered": total},
+            }),
+        ))
+    }))
+}
+
+fn ack_ids(
+    ctx: &Rc<ShardCtx>,
+    org: uuid::Uuid,
+    ids: Vec<uuid::Uuid>,
+) -> Result<crate::store::Reply<Vec<(uuid::Uuid, String)>>, ApiError> {
+    ctx.shared
+        .queries
+        .submit(move |client| {
+            let rows = client.query(
+                &format!(
+                    "UPDATE events
+                        SET status = 'delivered', updated_at = now(),
+                            delivered_at = coalesce(delivered_at, now()), next_attempt_at = NULL
+                      WHERE organization_id = $1 AND id = ANY($2)
+                  RETURNING id, {}",
+                    ts("delivered_at")
+                ),
+                &[&org, &ids],
+            )?;
+            Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
+        .map_err(store_error)
+}
+
+/// `POST /api/ack/{id}` (and, with `no_content`, `DELETE /api/events/{id}`).
+fn ack_one(
+    ctx: &Rc<ShardCtx>,
+    req: &Request,
+    p: &Principal,
+    prefix: &str,
+    no_content: bool,
+) -> Handled {
+    let tail = req.path().trim_start_matches(prefix);
+    let Ok(id) = uuid::Uuid::parse_str(tail) else {
+        return Handled::Ready(Err(ApiError::new(
+            400,
+            "validation_error",
+            "The event id must be a UUID.",
+        )
+        .details(json!({"id": "must be a UUID"}))));
+    };
+    let reply = match ack_ids(ctx, p.organization_id, vec![id]) {
+        Ok(r) => r,
+        Err(e) => return Handled::Ready(Err(e)),
+    };
+    Handled::Pending(Box::pin(async move {
+        let rows = reply
+            .await
+            .map_err(|_| ApiError::internal())?
+            .map_err(store_error)?;
+        let Some((id, at)) = rows.into_iter().next() else {
+            return Err(ApiError::not_found());
+        };
+        if no_content {
+            return Ok(Response::new(204));
+        }
+        Ok(json_response(
+            200,
+            &json!({"id": id, "status": "delivered", "acknowledged_at": at}),
+        ))
+    }))
+}
+
+pub fn ack(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
+    ack_one(ctx, &req, &p, "/api/ack/", false)
+}
+
+pub fn delete(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
+    ack_one(ctx, &req, &p, "/api/events/", true)
+}
+
+/// `POST /api/ack` with `{"ids": [...]}` (at most 1000).
+pub fn ack_bulk(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
+    let ids = require_json(&req)
+        .and_then(|()| parse_object(&req.body))
+        .and_then(|obj| {
+            let mut errors = FieldErrors::default();
+            errors.unknown_fields(&obj, &["ids"]);
+            let mut ids = Vec::new();
+            match obj.get("ids") {
+                Some(Value::Array(list)) if !list.is_empty() && list.len() <= 1000 => {
+                    for v in list {
+                        match v.as_str().and_then(|s| uuid::Uuid::parse_str(s).ok()) {
+                            Some(id) => ids.push(id),
+                            None => {
+                                errors.add("ids", "must all be UUIDs");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Some(Value::Array(_)) => errors.add("ids", "must hold 1 to 1000 ids"),
+                Some(_) => errors.add("ids", "must be a list of UUIDs"),
+                None => errors.add("ids", "is required"),
+            }
+            errors.finish().map(|()| ids)
+        });
+    let ids = match ids {
+        Ok(ids) => ids,
+        Err(e) => return Handled::Ready(Err(e)),
+    };
+    let reply = match ack_ids(ctx, p.organization_id, ids.clone()) {
+        Ok(r) => r,
+        Err(e) => return Handled::Ready(Err(e)),
+    };
+    Handled::Pending(Box::pin(async move {
+        let rows = reply
+            .await
+            .map_err(|_| ApiError::internal())?
+            .map_err(store_error)?;
+        let found: std::collections::HashSet<uuid::Uuid> = rows.iter().map(|(id, _)| *id).collect();
+        let mut not_found: Vec<String> = Vec::new();
+        for id in &ids {
+            if !found.contains(id) && !not_found.contains(&id.to_string()) {
+                not_found.push(id.to_string());
+            }
+        }
+        Ok(json_response(
+            200,
+            &json!({"acknowledged": found.len(), "not_found": not_found}),
+        ))
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parameters() {
+        let q = parse_query(None).expect("defaults");
+        assert_eq!((q.status.as_str(), q.limit, q.wait), ("pending", 100, 0));
+        let id = uuid::Uuid::now_v7();
+        let q = parse_query(Some(&format!(
+            "status=all&type=user.created&limit=5&wait=3&cursor={}",
+            encode_cursor(id)
+        )))
+        .expect("parses");
+        assert_eq!(q.event_type.as_deref(), Some("user.created"));
+        assert_eq!(q.after, Some(id));
+        assert_eq!(decode_component("a%2Fb+c"), "a/b c");
+        for bad in [
+            "status=done",
+            "limit=0",
+            "limit=1001",
+            "limit=x",
+            "wait=31",
+            "cursor=%%%",
+            "nope=1",
+            "type=",
+        ] {
+            assert!(parse_query(Some(bad)).is_err(), "{bad}");
+        }
+    }
+}

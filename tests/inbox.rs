@@ -1,0 +1,295 @@
+//! The consumer side over real sockets and PostgreSQL: the inbox (filters,
+//! oldest first, cursor pages walked exactly once, total_undelivered), single
+//! and bulk acknowledgements, DELETE, and isolation between organizations.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+fn post_event(port: u16, key: &str, t: &str, i: usize) -> String {
+    let r = call(
+        port,
+        "POST",
+        "/api/events",
+        &[("X-API-Key", key)],
+        Some(&format!(r#"{{"type":"{t}","payload":{{"i":{i}}}}}"#)),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    r.json()["id"].as_str().expect("id").to_string()
+}
+
+fn inbox(port: u16, key: &str, query: &str) -> HttpResponse {
+    call(
+        port,
+        "GET",
+        &format!("/api/inbox{query}"),
+        &[("X-API-Key", key)],
+        None,
+    )
+}
+
+#[test]
+fn inbox_pages_filters_and_acknowledgements() {
+    let db = fresh_database();
+    let s = TestServer::start(
+        Some(&db),
+        &settings(&["cores.shards=[0, 1]", "limits.enterprise=1000000"]),
+    );
+    let key = generate_key(s.port, "Consumer", "enterprise")["api_key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    let other = generate_key(s.port, "Other", "enterprise")["api_key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    let mut ids = Vec::new();
+    for i in 0..25 {
+        ids.push(post_event(
+            s.port,
+            &key,
+            if i % 5 == 0 {
+                "order.created"
+            } else {
+                "user.created"
+            },
+            i,
+        ));
+    }
+    let foreign = post_event(s.port, &other, "user.created", 99);
+
+    // Cursor pages: oldest first, every event exactly once.
+    let mut seen: Vec<String> = Vec::new();
+    let mut query = "?limit=10".to_string();
+    let mut pages = 0;
+    loop {
+        let r = inbox(s.port, &key, &query);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        pages += 1;
+        assert_eq!(v["pagination"]["limit"], 10);
+        assert_eq!(v["pagination"]["total_undelivered"], 25);
+        for e in v["events"].as_array().expect("events") {
+            seen.push(e["id"].as_str().expect("id").to_string());
+            assert_eq!(e["status"], "pending");
+        }
+        match v["pagination"]["next_cursor"].as_str() {
+            Some(c) => {
+                assert_eq!(v["pagination"]["has_more"], true);
+                query = format!("?limit=10&cursor={c}");
+            }
+            None => {
+                assert_eq!(v["pagination"]["has_more"], false);
+                break;
+            }
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen, ids, "oldest first, each once");
+    assert!(!seen.contains(&foreign));
+
+    // Type filter; total_undelivered ignores it.
+    let v = inbox(s.port, &key, "?type=order.created").json();
+    assert_eq!(v["events"].as_array().expect("events").len(), 5);
+    assert_eq!(v["pagination"]["total_undelivered"], 25);
+
+    // Acknowledge one, twice (idempotent).
+    let r = call(
+        s.port,
+        "POST",
+        &format!("/api/ack/{}", ids[0]),
+        &[("X-API-Key", &key)],
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let first = r.json();
+    assert_eq!(first["status"], "delivered");
+    let again = call(
+        s.port,
+        "POST",
+        &format!("/api/ack/{}", ids[0]),
+        &[("X-API-Key", &key)],
+        None,
+    )
+    .json();
+    assert_eq!(again["acknowledged_at"], first["acknowledged_at"]);
+    let e = call(
+        s.port,
+        "GET",
+        &format!("/api/events/{}", ids[0]),
+        &[("X-API-Key", &key)],
+        None,
+    )
+    .json();
+    assert_eq!(e["status"], "delivered");
+    assert_eq!(e["delivered_at"], first["acknowledged_at"]);
+
+    // Bulk, with an unknown id and another organization's id.
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let body = serde_json::json!({"ids": [ids[1], ids[2], unknown, foreign]}).to_string();
+    let r = call(
+        s.port,
+        "POST",
+        "/api/ack",
+        &[("X-API-Key", &key)],
+        Some(&body),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["acknowledged"], 2);
+    let nf: Vec<&str> = v["not_found"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(nf, vec![unknown.as_str(), foreign.as_str()]);
+
+    // DELETE acknowledges too; GET still shows the event.
+    let r = call(
+        s.port,
+        "DELETE",
+        &format!("/api/events/{}", ids[3]),
+        &[("X-API-Key", &key)],
+        None,
+    );
+    assert_eq!(r.status, 204);
+    assert!(r.body.is_empty());
+    assert_eq!(
+        call(
+            s.port,
+            "DELETE",
+            &format!("/api/events/{}", ids[3]),
+            &[("X-API-Key", &key)],
+            None
+        )
+        .status,
+        204
+    );
+    let e = call(
+        s.port,
+        "GET",
+        &format!("/api/events/{}", ids[3]),
+        &[("X-API-Key", &key)],
+        None,
+    )
+    .json();
+    assert_eq!(e["status"], "delivered");
+
+    let v = inbox(s.port, &key, "").json();
+    assert_eq!(v["pagination"]["total_undelivered"], 21);
+    assert_eq!(v["events"].as_array().expect("events").len(), 21);
+    let v = inbox(s.port, &key, "?status=delivered").json();
+    assert_eq!(v["events"].as_array().expect("events").len(), 4);
+    assert_eq!(
+        inbox(s.port, &key, "?status=all&limit=1000").json()["events"]
+            .as_array()
+            .expect("e")
+            .len(),
+        25
+    );
+
+    // Another organization can neither see nor acknowledge these events.
+    for path in [format!("/api/ack/{}", ids[5])] {
+        assert_eq!(
+            call(s.port, "POST", &path, &[("X-API-Key", &other)], None).status,
+            404
+        );
+    }
+    assert_eq!(
+        call(
+            s.port,
+            "DELETE",
+            &format!("/api/events/{}", ids[5]),
+            &[("X-API-Key", &other)],
+            None
+        )
+        .status,
+        404
+    );
+    let v = inbox(s.port, &other, "?status=all").json();
+    assert_eq!(v["events"].as_array().expect("events").len(), 1);
+    assert_eq!(v["pagination"]["total_undelivered"], 1);
+}
+
+#[test]
+fn bad_inbox_and_ack_input_is_named() {
+    let db = fresh_database();
+    let s = TestServer::start(Some(&db), &settings(&["cores.shards=[0]"]));
+    let key = generate_key(s.port, "Picky", "pro")["api_key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    for (query, param) in [
+        ("?status=done", "status"),
+        ("?limit=0", "limit"),
+        ("?limit=1001", "limit"),
+        ("?limit=ten", "limit"),
+        ("?cursor=garbage!", "cursor"),
+        ("?wait=31", "wait"),
+        ("?colour=red", "colour"),
+    ] {
+        let r = inbox(s.port, &key, query);
+        assert_eq!(r.status, 400, "{query}");
+        assert!(
+            r.json()["details"][param].is_string(),
+            "{query}: {}",
+            r.text()
+        );
+    }
+    for body in [
+        r#"{}"#,
+        r#"{"ids": []}"#,
+        r#"{"ids": ["nope"]}"#,
+        r#"{"ids": "x"}"#,
+        r#"{"ids": ["00000000-0000-0000-0000-000000000000"], "x": 1}"#,
+    ] {
+        let r = call(
+            s.port,
+            "POST",
+            "/api/ack",
+            &[("X-API-Key", &key)],
+            Some(body),
+        );
+        assert_eq!(r.status, 400, "{body}");
+    }
+    let many: Vec<String> = (0..1001)
+        .map(|_| uuid::Uuid::now_v7().to_string())
+        .collect();
+    let r = call(
+        s.port,
+        "POST",
+        "/api/ack",
+        &[("X-API-Key", &key)],
+        Some(&serde_json::json!({"ids": many}).to_string()),
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        call(
+            s.port,
+            "POST",
+            "/api/ack/not-a-uuid",
+            &[("X-API-Key", &key)],
+            None
+        )
+        .status,
+        400
+    );
+    assert_eq!(
+        call(s.port, "GET", "/api/ack/x", &[("X-API-Key", &key)], None).status,
+        405
+    );
+    assert_eq!(
+        call(
+            s.port,
+            "POST",
+            "/api/inbox",
+            &[("X-API-Key", &key)],
+            Some("{}")
+        )
+        .status,
+        405
+    );
+    assert_eq!(inbox(s.port, "zt_nope", "").status, 401);
+}
