@@ -191,12 +191,11 @@ fn inbox_pages_filters_and_acknowledgements() {
     );
 
     // Another organization can neither see nor acknowledge these events.
-    for path in [format!("/api/ack/{}", ids[5])] {
-        assert_eq!(
-            call(s.port, "POST", &path, &[("X-API-Key", &other)], None).status,
-            404
-        );
-    }
+    let path = format!("/api/ack/{}", ids[5]);
+    assert_eq!(
+        call(s.port, "POST", &path, &[("X-API-Key", &other)], None).status,
+        404
+    );
     assert_eq!(
         call(
             s.port,
@@ -292,4 +291,46 @@ fn bad_inbox_and_ack_input_is_named() {
         405
     );
     assert_eq!(inbox(s.port, "zt_nope", "").status, 401);
+}
+
+#[test]
+fn long_poll_is_woken_by_commits() {
+    let db = fresh_database();
+    let s = TestServer::start(Some(&db), &settings(&["cores.shards=[0, 1]"]));
+    let key = generate_key(s.port, "Waiter", "pro")["api_key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+
+    // Nothing arrives: the request returns empty after the wait.
+    let start = std::time::Instant::now();
+    let v = inbox(s.port, &key, "?wait=1").json();
+    let waited = start.elapsed();
+    assert!(v["events"].as_array().expect("events").is_empty());
+    assert!(
+        waited >= std::time::Duration::from_millis(950)
+            && waited < std::time::Duration::from_secs(3),
+        "{waited:?}"
+    );
+
+    // An event of another type does not end a filtered wait; a matching one does.
+    let (port, k) = (s.port, key.clone());
+    let producer = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        post_event(port, &k, "other.type", 1);
+        std::thread::sleep(std::time::Duration::from_millis(800));
+        post_event(port, &k, "wanted.type", 2)
+    });
+    let start = std::time::Instant::now();
+    let v = inbox(s.port, &key, "?wait=10&type=wanted.type").json();
+    let waited = start.elapsed();
+    let wanted = producer.join().expect("producer");
+    let events = v["events"].as_array().expect("events");
+    assert_eq!(events.len(), 1, "{v}");
+    assert_eq!(events[0]["id"].as_str(), Some(wanted.as_str()));
+    assert!(
+        waited >= std::time::Duration::from_millis(1100)
+            && waited < std::time::Duration::from_secs(5),
+        "{waited:?}"
+    );
 }

@@ -152,14 +152,27 @@ pub fn create(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
         }
     }
     ctx.metrics.events_accepted.inc();
+    let org = p.organization_id;
+    let event_type = answer["type"].as_str().unwrap_or_default().to_string();
     if cfg.ack == "memory" {
         let mut a = answer;
         a["durability"] = json!("memory");
+        // Long-polling readers are woken by the commit, not the enqueue.
+        let c = ctx.clone();
+        (ctx.hooks.spawn)(Box::pin(async move {
+            if let Ok(Ok(())) = committed.await {
+                c.inbox_waiters.wake(org, &event_type);
+            }
+        }));
         return Handled::Ready(Ok(json_response(202, &a)));
     }
+    let c = ctx.clone();
     Handled::Pending(Box::pin(async move {
         match committed.await {
-            Ok(Ok(())) => Ok(json_response(202, &answer)),
+            Ok(Ok(())) => {
+                c.inbox_waiters.wake(org, &event_type);
+                Ok(json_response(202, &answer))
+            }
             _ => Err(ApiError::unavailable(
                 "The event could not be stored: the database does not answer. It was not accepted.",
                 1,

@@ -15,7 +15,7 @@ use std::rc::Rc;
 const STATUSES: [&str; 5] = ["pending", "delivered", "failed", "dead_letter", "all"];
 
 /// Parsed inbox query parameters.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct InboxQuery {
     pub status: String,
     pub event_type: Option<String>,
@@ -100,88 +100,194 @@ pub fn parse_query(query: Option<&str>) -> Result<InboxQuery, ApiError> {
     errors.finish().map(|()| q)
 }
 
-/// `GET /api/inbox`.
+type Page = (Vec<(uuid::Uuid, Value)>, bool, i64, i64);
+
+fn submit_page(
+    ctx: &ShardCtx,
+    org: uuid::Uuid,
+    q: InboxQuery,
+) -> Result<crate::store::Reply<Page>, ApiError> {
+    ctx.shared
+        .queries
+        .submit(move |client| {
+            let status: Option<&str> = (q.status != "all").then_some(q.status.as_str());
+            let rows = client.query(
+                &format!(
+                    "SELECT id, type, source, payload, metadata, dedup_id, status, attempts, last_error,
+                            {}, {}, {}
+                       FROM events
+                      WHERE organization_id = $1
+                        AND ($2::text IS NULL OR status = $2)
+                        AND ($3::text IS NULL OR type = $3)
+                        AND ($4::uuid IS NULL OR id > $4)
+                      ORDER BY id
+                      LIMIT $5",
+                    ts("created_at"),
+                    ts("updated_at"),
+                    ts("delivered_at")
+                ),
+                &[&org, &status, &q.event_type, &q.after, &(q.limit + 1)],
+            )?;
+            let total: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM events WHERE organization_id = $1 AND status <> 'delivered'",
+                    &[&org],
+                )?
+                .get(0);
+            let has_more = rows.len() as i64 > q.limit;
+            let events: Vec<(uuid::Uuid, Value)> = rows
+                .iter()
+                .take(q.limit as usize)
+                .map(|r| {
+                    let id: uuid::Uuid = r.get(0);
+                    (
+                        id,
+                        json!({
+                            "id": id,
+                            "type": r.get::<_, String>(1),
+                            "source": r.get::<_, Option<String>>(2),
+                            "payload": r.get::<_, Value>(3),
+                            "metadata": r.get::<_, Option<Value>>(4),
+                            "dedup_id": r.get::<_, Option<String>>(5),
+                            "status": r.get::<_, String>(6),
+                            "attempts": r.get::<_, i32>(7),
+                            "last_error": r.get::<_, Option<String>>(8),
+                            "created_at": r.get::<_, String>(9),
+                            "updated_at": r.get::<_, String>(10),
+                            "delivered_at": r.get::<_, Option<String>>(11),
+                        }),
+                    )
+                })
+                .collect();
+            Ok((events, has_more, total, q.limit))
+        })
+        .map_err(store_error)
+}
+
+fn page_response(page: Page) -> Response {
+    let (events, has_more, total, limit) = page;
+    let next = if has_more {
+        events.last().map(|(id, _)| encode_cursor(*id))
+    } else {
+        None
+    };
+    let list: Vec<Value> = events.into_iter().map(|(_, v)| v).collect();
+    json_response(
+        200,
+        &json!({
+            "events": list,
+            "pagination": {"next_cursor": next, "has_more": has_more, "limit": limit, "total_undelivered": total},
+        }),
+    )
+}
+
+/// `GET /api/inbox`. With `wait` and an empty first page, the request waits
+/// (on this shard, which owns the organization and so sees every commit of
+/// its events) until a matching event is committed or the time passes, then
+/// reads the page again.
 pub fn list(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
     let q = match parse_query(req.query()) {
         Ok(q) => q,
         Err(e) => return Handled::Ready(Err(e)),
     };
     let org = p.organization_id;
-    let job = ctx.shared.queries.submit(move |client| {
-        let status: Option<&str> = (q.status != "all").then_some(q.status.as_str());
-        let rows = client.query(
-            &format!(
-                "SELECT id, type, source, payload, metadata, dedup_id, status, attempts, last_error,
-                        {}, {}, {}
-                   FROM events
-                  WHERE organization_id = $1
-                    AND ($2::text IS NULL OR status = $2)
-                    AND ($3::text IS NULL OR type = $3)
-                    AND ($4::uuid IS NULL OR id > $4)
-                  ORDER BY id
-                  LIMIT $5",
-                ts("created_at"),
-                ts("updated_at"),
-                ts("delivered_at")
-            ),
-            &[&org, &status, &q.event_type, &q.after, &(q.limit + 1)],
-        )?;
-        let total: i64 = client
-            .query_one(
-                "SELECT count(*) FROM events WHERE organization_id = $1 AND status <> 'delivered'",
-                &[&org],
-            )?
-            .get(0);
-        let has_more = rows.len() as i64 > q.limit;
-        let events: Vec<(uuid::Uuid, Value)> = rows
-            .iter()
-            .take(q.limit as usize)
-            .map(|r| {
-                let id: uuid::Uuid = r.get(0);
-                (
-                    id,
-                    json!({
-                        "id": id,
-                        "type": r.get::<_, String>(1),
-                        "source": r.get::<_, Option<String>>(2),
-                        "payload": r.get::<_, Value>(3),
-                        "metadata": r.get::<_, Option<Value>>(4),
-                        "dedup_id": r.get::<_, Option<String>>(5),
-                        "status": r.get::<_, String>(6),
-                        "attempts": r.get::<_, i32>(7),
-                        "last_error": r.get::<_, Option<String>>(8),
-                        "created_at": r.get::<_, String>(9),
-                        "updated_at": r.get::<_, String>(10),
-                        "delivered_at": r.get::<_, Option<String>>(11),
-                    }),
-                )
-            })
-            .collect();
-        Ok((events, has_more, total, q.limit))
-    });
-    let reply = match job {
+    let reply = match submit_page(ctx, org, q.clone()) {
         Ok(r) => r,
-        Err(e) => return Handled::Ready(Err(store_error(e))),
+        Err(e) => return Handled::Ready(Err(e)),
     };
+    let ctx = ctx.clone();
     Handled::Pending(Box::pin(async move {
-        let (events, has_more, total, limit) = reply
+        let page = reply
             .await
             .map_err(|_| ApiError::internal())?
             .map_err(store_error)?;
-        let next = if has_more {
-            events.last().map(|(id, _)| encode_cursor(*id))
-        } else {
-            None
+        if !page.0.is_empty() || q.wait == 0 {
+            return Ok(page_response(page));
+        }
+        let Some(woken) = ctx.inbox_waiters.wait(org, q.event_type.clone()) else {
+            return Ok(page_response(page));
         };
-        let list: Vec<Value> = events.into_iter().map(|(_, v)| v).collect();
-        Ok(json_response(
-            200,
-            &json!({
-                "events": list,
-                "pagination": {"next_cursor": next, "has_more": has_more, "limit": limit, "total_undelivered": total},
-            }),
-        ))
+        let timer = (ctx.hooks.sleep)(std::time::Duration::from_secs(q.wait));
+        futures::future::select(woken, timer).await;
+        let again = submit_page(&ctx, org, q)?;
+        let page = again
+            .await
+            .map_err(|_| ApiError::internal())?
+            .map_err(store_error)?;
+        Ok(page_response(page))
     }))
+}
+
+/// One waiting request: its type filter and how to wake it.
+type Waiter = (Option<String>, futures::channel::oneshot::Sender<()>);
+
+/// Inbox requests waiting for a commit, per organization, on one shard.
+pub struct InboxWaiters {
+    waiters:
+        std::cell::RefCell<std::collections::HashMap<uuid::Uuid, Vec<Waiter>, ahash::RandomState>>,
+    capacity: usize,
+    count: std::cell::Cell<usize>,
+}
+
+impl InboxWaiters {
+    pub fn new(capacity: usize) -> InboxWaiters {
+        InboxWaiters {
+            waiters: std::cell::RefCell::new(std::collections::HashMap::with_hasher(
+                ahash::RandomState::new(),
+            )),
+            capacity,
+            count: std::cell::Cell::new(0),
+        }
+    }
+
+    /// A future that completes at the next commit for `org` (of `event_type`,
+    /// when given); `None` when the shard already holds its limit of waiters.
+    pub fn wait(
+        &self,
+        org: uuid::Uuid,
+        event_type: Option<String>,
+    ) -> Option<futures::channel::oneshot::Receiver<()>> {
+        let mut map = self.waiters.borrow_mut();
+        if self.count.get() >= self.capacity {
+            // Drop the waiters whose requests have gone away.
+            map.retain(|_, list| {
+                list.retain(|(_, tx)| !tx.is_canceled());
+                !list.is_empty()
+            });
+            self.count.set(map.values().map(Vec::len).sum());
+            if self.count.get() >= self.capacity {
+                return None;
+            }
+        }
+        let (tx, rx) = futures::channel::oneshot::channel();
+        map.entry(org).or_default().push((event_type, tx));
+        self.count.set(self.count.get() + 1);
+        Some(rx)
+    }
+
+    /// An event of `org` with `event_type` was committed.
+    pub fn wake(&self, org: uuid::Uuid, event_type: &str) {
+        let mut map = self.waiters.borrow_mut();
+        let Some(list) = map.get_mut(&org) else {
+            return;
+        };
+        let before = list.len();
+        let mut kept = Vec::new();
+        for (filter, tx) in list.drain(..) {
+            if filter.as_deref().is_none_or(|f| f == event_type) {
+                let _ = tx.send(());
+            } else if !tx.is_canceled() {
+                kept.push((filter, tx));
+            }
+        }
+        let removed = before - kept.len();
+        if kept.is_empty() {
+            map.remove(&org);
+        } else {
+            *list = kept;
+        }
+        self.count.set(self.count.get().saturating_sub(removed));
+    }
 }
 
 fn ack_ids(

@@ -51,6 +51,9 @@ pub struct Shared {
     pub metrics: Vec<Arc<ShardMetrics>>,
 }
 
+/// Long-polling inbox requests one shard holds at most.
+const INBOX_WAITERS: usize = 10_000;
+
 /// One shard's context: owned by its thread, never shared.
 pub struct ShardCtx {
     pub id: usize,
@@ -65,6 +68,8 @@ pub struct ShardCtx {
     /// The key cache, rate limiter and failure throttle this shard owns.
     pub auth: AuthState,
     pub hooks: EngineHooks,
+    /// Long-polling inbox requests of the organizations this shard owns.
+    pub inbox_waiters: inbox::InboxWaiters,
     origin: Instant,
     request_prefix: u64,
     request_seq: Cell<u64>,
@@ -84,6 +89,7 @@ impl ShardCtx {
             connections: Cell::new(0),
             auth,
             hooks,
+            inbox_waiters: inbox::InboxWaiters::new(INBOX_WAITERS),
             origin: Instant::now(),
             request_prefix: random,
             request_seq: Cell::new(0),
