@@ -393,3 +393,159 @@ fn database_outage_gives_503s_and_loses_nothing() {
         "an event that got an error was stored"
     );
 }
+
+#[test]
+fn batches_validate_each_item_and_commit_together() {
+    let db = fresh_database();
+    let s = TestServer::start(
+        Some(&db),
+        &settings(&["cores.shards=[0]", "limits.free=12"]),
+    );
+    let key = generate_key(s.port, "Batcher", "free")["api_key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    let batch = r#"{"events":[
+        {"type":"a.one","payload":{"n":1}},
+        {"type":"bad type","payload":{}},
+        {"type":"a.two","payload":[1,2],"dedup_id":"x"},
+        "not an object",
+        {"type":"a.three","payload":"p"}
+    ]}"#;
+    let r = call(
+        s.port,
+        "POST",
+        "/api/events/batch",
+        &[("X-API-Key", &key)],
+        Some(batch),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let v = r.json();
+    assert_eq!(
+        (v["accepted"].as_u64(), v["rejected"].as_u64()),
+        (Some(3), Some(2))
+    );
+    let results = v["results"].as_array().expect("results");
+    assert_eq!(results.len(), 5);
+    for (i, res) in results.iter().enumerate() {
+        assert_eq!(res["index"], i);
+    }
+    assert_eq!(results[1]["code"], "validation_error");
+    assert_eq!(results[3]["code"], "validation_error");
+    let ids: Vec<uuid::Uuid> = [0, 2, 4]
+        .iter()
+        .map(|&i| {
+            assert_eq!(results[i]["status"], "accepted");
+            uuid::Uuid::parse_str(results[i]["id"].as_str().expect("id")).expect("uuid")
+        })
+        .collect();
+    let mut c = postgres::Client::connect(&db, postgres::NoTls).expect("connect");
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM events WHERE id = ANY($1)", &[&ids])
+        .expect("count")
+        .get(0);
+    assert_eq!(n, 3);
+    let total: i64 = c
+        .query_one("SELECT count(*) FROM events", &[])
+        .expect("count")
+        .get(0);
+    assert_eq!(total, 3);
+
+    // No valid item: 400 with the same results; nothing stored.
+    let r = call(
+        s.port,
+        "POST",
+        "/api/events/batch",
+        &[("X-API-Key", &key)],
+        Some(r#"{"events":[{"type":"t"},{"payload":1}]}"#),
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.json()["details"]["results"]
+            .as_array()
+            .expect("results")
+            .len(),
+        2
+    );
+    for bad in [
+        r#"{"events":[]}"#.to_string(),
+        r#"{"events":{}}"#.to_string(),
+        r#"{}"#.to_string(),
+        r#"{"events":[],"x":1}"#.to_string(),
+    ] {
+        let r = call(
+            s.port,
+            "POST",
+            "/api/events/batch",
+            &[("X-API-Key", &key)],
+            Some(&bad),
+        );
+        assert_eq!(r.status, 400, "{bad}");
+    }
+    assert_eq!(
+        call(
+            s.port,
+            "GET",
+            "/api/events/batch",
+            &[("X-API-Key", &key)],
+            None
+        )
+        .status,
+        405
+    );
+
+    // A batch counts once per item against the rate limit (12/min here; 8 used above).
+    let four = r#"{"events":[{"type":"t","payload":1},{"type":"t","payload":2},{"type":"t","payload":3},{"type":"t","payload":4}]}"#;
+    assert_eq!(
+        call(
+            s.port,
+            "POST",
+            "/api/events/batch",
+            &[("X-API-Key", &key)],
+            Some(four)
+        )
+        .status,
+        429
+    );
+    let total: i64 = c
+        .query_one("SELECT count(*) FROM events", &[])
+        .expect("count")
+        .get(0);
+    assert_eq!(total, 3);
+}
+
+#[test]
+fn oversized_batches_are_refused() {
+    let db = fresh_database();
+    let s = TestServer::start(
+        Some(&db),
+        &settings(&["cores.shards=[0]", "limits.enterprise=1000000"]),
+    );
+    let key = generate_key(s.port, "Big", "enterprise")["api_key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    let items: Vec<String> = (0..1001)
+        .map(|i| format!(r#"{{"type":"t","payload":{i}}}"#))
+        .collect();
+    let body = format!(r#"{{"events":[{}]}}"#, items.join(","));
+    let r = call(
+        s.port,
+        "POST",
+        "/api/events/batch",
+        &[("X-API-Key", &key)],
+        Some(&body),
+    );
+    assert_eq!(r.status, 400);
+    assert!(r.json()["details"]["events"].is_string());
+    let body = format!(r#"{{"events":[{}]}}"#, items[..1000].join(","));
+    let r = call(
+        s.port,
+        "POST",
+        "/api/events/batch",
+        &[("X-API-Key", &key)],
+        Some(&body),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(r.json()["accepted"], 1000);
+}

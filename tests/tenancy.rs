@@ -472,9 +472,9 @@ fn secrets_never_reach_the_log() {
     assert!(!log.contains("$argon2id$"), "a key hash reached the log");
 }
 
-fn p99(mut v: Vec<Duration>) -> Duration {
+fn percentile(v: &mut [Duration], p: usize) -> Duration {
     v.sort();
-    v[(v.len() * 99 / 100).min(v.len() - 1)]
+    v[(v.len() * p / 100).min(v.len() - 1)]
 }
 
 /// Connects from a chosen loopback address (the failure throttle is per address).
@@ -558,17 +558,21 @@ fn a_flood_of_random_keys_leaves_legitimate_clients_served() {
         .into_iter()
         .map(|f| f.join().expect("flooder"))
         .sum();
-    let p99 = p99(times);
+    let p50 = percentile(&mut times, 50);
+    let p99 = percentile(&mut times, 99);
     let text = s.get("/metrics").text();
-    println!("legitimate P99 {p99:?} under a flood of {flooded} random-key requests");
+    println!("legitimate P50 {p50:?} P99 {p99:?} under a flood of {flooded} random-key requests");
     assert!(
         flooded >= 100,
         "the flood was too small to mean anything: {flooded}"
     );
     // Debug build sharing 2 cores with the flood, PostgreSQL and the test
-    // itself: a generous bound here. The release figure (P99 well under
-    // 2 ms) is measured by bench/auth-flood, see tuning.md.
-    assert!(p99 < Duration::from_millis(100), "P99 {p99:?}");
+    // itself, so scheduler noise reaches the tail: the median must stay low
+    // (a shard doing verification work itself would push it to many ms) and
+    // the tail bounded. The release figure (P99 well under 2 ms) is measured
+    // by bench/auth, see tuning.md.
+    assert!(p50 < Duration::from_millis(25), "P50 {p50:?}");
+    assert!(p99 < Duration::from_millis(500), "P99 {p99:?}");
     assert!(text.contains("triggers_auth_failures_total"));
 }
 

@@ -6,7 +6,7 @@ use super::body::{parse_object, require_json, FieldErrors};
 use super::{json_response, store_error, ApiError, Handled, ShardCtx};
 use crate::auth::Principal;
 use crate::http::Request;
-use crate::persist::{Enqueue, IngestItem};
+use crate::persist::{Enqueue, EventRow, IngestItem};
 use crate::store::ts;
 use futures::channel::oneshot;
 use serde_json::{json, Value};
@@ -133,14 +133,16 @@ pub fn create(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
         "dedup_id": event.dedup_id,
     });
     let item = IngestItem {
-        organization_id: p.organization_id,
-        id,
-        event_type: event.event_type,
-        source: event.source,
-        payload: event.payload,
-        metadata: event.metadata,
-        dedup_id: event.dedup_id,
-        created_at,
+        rows: vec![EventRow {
+            organization_id: p.organization_id,
+            id,
+            event_type: event.event_type,
+            source: event.source,
+            payload: event.payload,
+            metadata: event.metadata,
+            dedup_id: event.dedup_id,
+            created_at,
+        }],
         queued: Instant::now(),
         done: Some(done),
     };
@@ -175,6 +177,138 @@ pub fn create(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
             }
             _ => Err(ApiError::unavailable(
                 "The event could not be stored: the database does not answer. It was not accepted.",
+                1,
+            )),
+        }
+    }))
+}
+
+/// What a batch costs against the rate limit: one per item (counted without
+/// building the items; a body that does not parse costs one and fails later).
+pub fn batch_cost(req: &Request) -> u64 {
+    #[derive(serde::Deserialize)]
+    struct Count {
+        events: Vec<serde::de::IgnoredAny>,
+    }
+    serde_json::from_slice::<Count>(&req.body).map_or(1, |c| (c.events.len() as u64).clamp(1, 1000))
+}
+
+/// `POST /api/events/batch`: each item validated on its own; every accepted
+/// item is committed in one transaction before the answer.
+pub fn create_batch(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
+    let cfg = &ctx.shared.config.ingest;
+    let items = require_json(&req)
+        .and_then(|()| parse_object(&req.body))
+        .and_then(|obj| {
+            let mut errors = FieldErrors::default();
+            errors.unknown_fields(&obj, &["events"]);
+            let items = match obj.get("events") {
+                Some(Value::Array(list)) if !list.is_empty() && list.len() <= 1000 => list.clone(),
+                Some(Value::Array(_)) => {
+                    errors.add("events", "must hold 1 to 1000 events");
+                    Vec::new()
+                }
+                Some(_) => {
+                    errors.add("events", "must be a list of events");
+                    Vec::new()
+                }
+                None => {
+                    errors.add("events", "is required");
+                    Vec::new()
+                }
+            };
+            errors.finish().map(|()| items)
+        });
+    let items = match items {
+        Ok(i) => i,
+        Err(e) => return Handled::Ready(Err(e)),
+    };
+    let created_at = crate::time::now_micros();
+    let mut rows = Vec::new();
+    let mut results = Vec::with_capacity(items.len());
+    let mut types = Vec::new();
+    for (index, item) in items.iter().enumerate() {
+        let checked = match item {
+            Value::Object(obj) => validate(obj, cfg.max_payload_bytes),
+            _ => Err(ApiError::new(
+                400,
+                "validation_error",
+                "Each event must be a JSON object.",
+            )),
+        };
+        match checked {
+            Ok(e) => {
+                let id = uuid::Uuid::now_v7();
+                results.push(json!({"index": index, "id": id, "status": "accepted"}));
+                types.push(e.event_type.clone());
+                rows.push(EventRow {
+                    organization_id: p.organization_id,
+                    id,
+                    event_type: e.event_type,
+                    source: e.source,
+                    payload: e.payload,
+                    metadata: e.metadata,
+                    dedup_id: e.dedup_id,
+                    created_at,
+                });
+            }
+            Err(e) => {
+                let mut r = json!({"index": index, "code": e.code, "error": e.message});
+                if let Some(d) = e.details {
+                    r["details"] = d;
+                }
+                results.push(r);
+            }
+        }
+    }
+    let accepted = rows.len();
+    let rejected = results.len() - accepted;
+    if accepted == 0 {
+        return Handled::Ready(Err(ApiError::new(
+            400,
+            "validation_error",
+            "No event of the batch is valid.",
+        )
+        .details(json!({"results": results}))));
+    }
+    let (done, committed) = oneshot::channel();
+    let item = IngestItem {
+        rows,
+        queued: Instant::now(),
+        done: Some(done),
+    };
+    match ctx.shared.rings[ctx.id].try_push(item) {
+        Enqueue::Queued => {}
+        Enqueue::Full(_) => return Handled::Ready(Err(ApiError::overloaded(1))),
+        Enqueue::Stopped(_) => {
+            return Handled::Ready(Err(ApiError::unavailable("The write path is stopping.", 1)))
+        }
+    }
+    ctx.metrics.events_accepted.add(accepted as u64);
+    let mut answer = json!({"accepted": accepted, "rejected": rejected, "results": results});
+    let org = p.organization_id;
+    let c = ctx.clone();
+    if cfg.ack == "memory" {
+        answer["durability"] = json!("memory");
+        (ctx.hooks.spawn)(Box::pin(async move {
+            if let Ok(Ok(())) = committed.await {
+                for t in &types {
+                    c.inbox_waiters.wake(org, t);
+                }
+            }
+        }));
+        return Handled::Ready(Ok(json_response(202, &answer)));
+    }
+    Handled::Pending(Box::pin(async move {
+        match committed.await {
+            Ok(Ok(())) => {
+                for t in &types {
+                    c.inbox_waiters.wake(org, t);
+                }
+                Ok(json_response(202, &answer))
+            }
+            _ => Err(ApiError::unavailable(
+                "The events could not be stored: the database does not answer. None was accepted.",
                 1,
             )),
         }

@@ -143,6 +143,7 @@ pub enum Route {
     Keys,
     KeysRotate,
     Events,
+    EventsBatch,
     Event,
     EventDelete,
     Inbox,
@@ -153,7 +154,7 @@ pub enum Route {
 }
 
 impl Route {
-    pub const ALL: [Route; 14] = [
+    pub const ALL: [Route; 15] = [
         Route::Health,
         Route::HealthReady,
         Route::Status,
@@ -162,6 +163,7 @@ impl Route {
         Route::Keys,
         Route::KeysRotate,
         Route::Events,
+        Route::EventsBatch,
         Route::Event,
         Route::EventDelete,
         Route::Inbox,
@@ -180,6 +182,7 @@ impl Route {
             Route::Keys => "/api/keys",
             Route::KeysRotate => "/api/keys/rotate",
             Route::Events => "/api/events",
+            Route::EventsBatch => "/api/events/batch",
             Route::Event => "/api/events/{id}",
             Route::EventDelete => "DELETE /api/events/{id}",
             Route::Inbox => "/api/inbox",
@@ -248,6 +251,8 @@ fn route(method: Method, path: &str) -> Result<(Route, Target), ApiError> {
         ("/api/keys/rotate", Method::Post) => (Route::KeysRotate, Authed(keys::rotate)),
         ("/api/events", Method::Post) => (Route::Events, Authed(events::create)),
         ("/api/events", _) => return Err(ApiError::method_not_allowed("POST")),
+        ("/api/events/batch", Method::Post) => (Route::EventsBatch, Authed(events::create_batch)),
+        ("/api/events/batch", _) => return Err(ApiError::method_not_allowed("POST")),
         (p, Method::Get) if is_event_path(p) => (Route::Event, Authed(events::get)),
         (p, Method::Delete) if is_event_path(p) => (Route::EventDelete, Authed(inbox::delete)),
         (p, _) if is_event_path(p) => return Err(ApiError::method_not_allowed("GET, DELETE")),
@@ -316,7 +321,14 @@ pub fn handle(ctx: &Rc<ShardCtx>, req: Request, peer: Option<IpAddr>) -> Reply {
     let request_id = ctx.request_id(&req);
     let handled = match target {
         Target::Open(h) => h(ctx, &req),
-        Target::Authed(h) => auth::authenticated(ctx, req, peer, 1, h),
+        Target::Authed(h) => {
+            let cost = if route == Route::EventsBatch {
+                events::batch_cost(&req)
+            } else {
+                1
+            };
+            auth::authenticated(ctx, req, peer, cost, h)
+        }
     };
     match handled {
         Handled::Ready(result) => {

@@ -21,8 +21,16 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// One event on its way to PostgreSQL.
+/// The events of one request on their way to PostgreSQL, committed together.
 pub struct IngestItem {
+    pub rows: Vec<EventRow>,
+    pub queued: Instant,
+    /// Completed after the commit (or the decision not to commit).
+    pub done: Option<oneshot::Sender<Result<(), Unavailable>>>,
+}
+
+/// One event row.
+pub struct EventRow {
     pub organization_id: uuid::Uuid,
     pub id: uuid::Uuid,
     pub event_type: String,
@@ -33,9 +41,6 @@ pub struct IngestItem {
     pub dedup_id: Option<String>,
     /// Microseconds since the epoch.
     pub created_at: i64,
-    pub queued: Instant,
-    /// Completed after the commit (or the decision not to commit).
-    pub done: Option<oneshot::Sender<Result<(), Unavailable>>>,
 }
 
 /// The batch holding an event could not be committed in time; it is not stored.
@@ -160,8 +165,12 @@ fn run(
         let op = sel.select();
         let live: Vec<usize> = (0..rxs.len()).filter(|&i| !closed[i]).collect();
         let idx = live[op.index()];
+        let mut rows = 0usize;
         match op.recv(&rxs[idx]) {
-            Ok(item) => batch.push(item),
+            Ok(item) => {
+                rows += item.rows.len();
+                batch.push(item);
+            }
             Err(_) => {
                 closed[idx] = true;
                 open -= 1;
@@ -172,16 +181,17 @@ fn run(
         'fill: loop {
             let mut took = false;
             for rx in &rxs {
-                while batch.len() < max_batch {
+                while rows < max_batch {
                     match rx.try_recv() {
                         Ok(item) => {
+                            rows += item.rows.len();
                             batch.push(item);
                             took = true;
                         }
                         Err(_) => break,
                     }
                 }
-                if batch.len() >= max_batch {
+                if rows >= max_batch {
                     break 'fill;
                 }
             }
@@ -209,8 +219,12 @@ fn commit(
     stats: &PersistStats,
 ) {
     copy.clear();
+    let mut rows = 0u64;
     for item in batch.iter() {
-        encode_row(copy, item);
+        for row in &item.rows {
+            encode_row(copy, row);
+        }
+        rows += item.rows.len() as u64;
     }
     let oldest = batch
         .iter()
@@ -227,12 +241,8 @@ fn commit(
                     .commit_micros_total
                     .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
                 stats.batches_committed.fetch_add(1, Ordering::Relaxed);
-                stats
-                    .events_committed
-                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                stats
-                    .last_batch_size
-                    .store(batch.len() as u64, Ordering::Relaxed);
+                stats.events_committed.fetch_add(rows, Ordering::Relaxed);
+                stats.last_batch_size.store(rows, Ordering::Relaxed);
                 break Ok(());
             }
             Err(e) => {
@@ -240,13 +250,8 @@ fn commit(
                 stats.healthy.store(false, Ordering::Relaxed);
                 *client = None;
                 if oldest.elapsed() + backoff >= commit_timeout {
-                    log::warn!(
-                        "persistence: giving up on a batch of {} events: {e}",
-                        batch.len()
-                    );
-                    stats
-                        .events_failed
-                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    log::warn!("persistence: giving up on a batch of {} events: {e}", rows);
+                    stats.events_failed.fetch_add(rows, Ordering::Relaxed);
                     break Err(Unavailable);
                 }
                 log::debug!("persistence: batch failed, retrying: {e}");
@@ -305,7 +310,7 @@ fn copy_opt(out: &mut Vec<u8>, s: Option<&str>) {
     }
 }
 
-fn encode_row(out: &mut Vec<u8>, i: &IngestItem) {
+fn encode_row(out: &mut Vec<u8>, i: &EventRow) {
     let ts = crate::time::rfc3339_micros(i.created_at);
     let mut uuid = uuid::Uuid::encode_buffer();
     out.extend_from_slice(
@@ -339,7 +344,7 @@ mod tests {
 
     #[test]
     fn copy_rows_escape_text() {
-        let item = IngestItem {
+        let item = EventRow {
             organization_id: uuid::Uuid::nil(),
             id: uuid::Uuid::nil(),
             event_type: "a.b".into(),
@@ -348,8 +353,6 @@ mod tests {
             metadata: Some("{}".into()),
             dedup_id: None,
             created_at: 0,
-            queued: Instant::now(),
-            done: None,
         };
         let mut out = Vec::new();
         encode_row(&mut out, &item);
