@@ -549,3 +549,105 @@ fn oversized_batches_are_refused() {
     assert_eq!(r.status, 202, "{}", r.text());
     assert_eq!(r.json()["accepted"], 1000);
 }
+
+#[test]
+fn dedup_ids_within_a_day_are_duplicates() {
+    let db = fresh_database();
+    let s = TestServer::start(
+        Some(&db),
+        &settings(&["cores.shards=[0, 1]", "limits.enterprise=1000000"]),
+    );
+    let a = generate_key(s.port, "Dedup A", "enterprise")["api_key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    let b = generate_key(s.port, "Dedup B", "enterprise")["api_key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    let body = r#"{"type":"order.created","payload":{"n":1},"dedup_id":"order-1"}"#;
+    let first = post_event(s.port, &a, body);
+    assert_eq!(first.status, 202);
+    let original = first.json()["id"].as_str().expect("id").to_string();
+    let again = post_event(s.port, &a, body);
+    assert_eq!(again.status, 409, "{}", again.text());
+    let v = again.json();
+    assert_eq!(v["code"], "duplicate_event");
+    assert_eq!(v["details"]["dedup_id"], "order-1");
+    assert_eq!(v["details"]["event_id"], original.as_str());
+    // Another organization has its own dedup space.
+    assert_eq!(post_event(s.port, &b, body).status, 202);
+
+    // Concurrent first uses: exactly one wins, everyone else names the winner.
+    let port = s.port;
+    let racers: Vec<_> = (0..8)
+        .map(|_| {
+            let a = a.clone();
+            std::thread::spawn(move || {
+                post_event(port, &a, r#"{"type":"t","payload":1,"dedup_id":"race"}"#)
+            })
+        })
+        .collect();
+    let answers: Vec<HttpResponse> = racers
+        .into_iter()
+        .map(|r| r.join().expect("racer"))
+        .collect();
+    let winners: Vec<&HttpResponse> = answers.iter().filter(|r| r.status == 202).collect();
+    assert_eq!(
+        winners.len(),
+        1,
+        "{:?}",
+        answers.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    let winner = winners[0].json()["id"].clone();
+    for r in answers.iter().filter(|r| r.status != 202) {
+        assert_eq!(r.status, 409);
+        assert_eq!(r.json()["details"]["event_id"], winner);
+    }
+
+    // In a batch: a repeat inside the batch and a key used before.
+    let batch = r#"{"events":[
+        {"type":"t","payload":1,"dedup_id":"fresh"},
+        {"type":"t","payload":2,"dedup_id":"fresh"},
+        {"type":"t","payload":3,"dedup_id":"order-1"},
+        {"type":"t","payload":4}
+    ]}"#;
+    let r = call(
+        s.port,
+        "POST",
+        "/api/events/batch",
+        &[("X-API-Key", &a)],
+        Some(batch),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let v = r.json();
+    assert_eq!(
+        (v["accepted"].as_u64(), v["rejected"].as_u64()),
+        (Some(2), Some(2))
+    );
+    let res = v["results"].as_array().expect("results");
+    assert_eq!(res[1]["code"], "duplicate_event");
+    assert_eq!(res[1]["details"]["event_id"], res[0]["id"]);
+    assert_eq!(res[2]["details"]["event_id"], original.as_str());
+
+    let mut c = postgres::Client::connect(&db, postgres::NoTls).expect("connect");
+    let n: i64 = c
+        .query_one(
+            "SELECT count(*) FROM events WHERE dedup_id = 'order-1'",
+            &[],
+        )
+        .expect("count")
+        .get(0);
+    assert_eq!(n, 2, "one per organization");
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM events WHERE dedup_id = 'race'", &[])
+        .expect("count")
+        .get(0);
+    assert_eq!(n, 1);
+
+    // After 24 hours the dedup_id may be used again.
+    c.execute("UPDATE event_dedup SET expires_at = now() - interval '1 second' WHERE dedup_id = 'order-1'", &[])
+        .expect("age");
+    let r = post_event(s.port, &a, body);
+    assert_eq!(r.status, 202, "{}", r.text());
+}

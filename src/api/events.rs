@@ -161,9 +161,12 @@ pub fn create(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
         a["durability"] = json!("memory");
         // Long-polling readers are woken by the commit, not the enqueue.
         let c = ctx.clone();
+        // A duplicate dedup_id is dropped silently here: the 202 went out already.
         (ctx.hooks.spawn)(Box::pin(async move {
-            if let Ok(Ok(())) = committed.await {
-                c.inbox_waiters.wake(org, &event_type);
+            if let Ok(Ok(dups)) = committed.await {
+                if dups.first().is_some_and(Option::is_none) {
+                    c.inbox_waiters.wake(org, &event_type);
+                }
             }
         }));
         return Handled::Ready(Ok(json_response(202, &a)));
@@ -171,7 +174,10 @@ pub fn create(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
     let c = ctx.clone();
     Handled::Pending(Box::pin(async move {
         match committed.await {
-            Ok(Ok(())) => {
+            Ok(Ok(dups)) => {
+                if let Some(Some(original)) = dups.first() {
+                    return Err(duplicate(&answer["dedup_id"], *original));
+                }
                 c.inbox_waiters.wake(org, &event_type);
                 Ok(json_response(202, &answer))
             }
@@ -181,6 +187,16 @@ pub fn create(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
             )),
         }
     }))
+}
+
+/// 409 for an event whose `dedup_id` the organization used within 24 h.
+fn duplicate(dedup_id: &Value, original: uuid::Uuid) -> ApiError {
+    ApiError::new(
+        409,
+        "duplicate_event",
+        "An event with this dedup_id was accepted within the last 24 hours.",
+    )
+    .details(json!({"dedup_id": dedup_id, "event_id": original}))
 }
 
 /// What a batch costs against the rate limit: one per item (counted without
@@ -227,6 +243,8 @@ pub fn create_batch(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handl
     let mut rows = Vec::new();
     let mut results = Vec::with_capacity(items.len());
     let mut types = Vec::new();
+    // For each row: its position in `results` and its dedup_id.
+    let mut slots: Vec<(usize, Option<String>)> = Vec::new();
     for (index, item) in items.iter().enumerate() {
         let checked = match item {
             Value::Object(obj) => validate(obj, cfg.max_payload_bytes),
@@ -241,6 +259,7 @@ pub fn create_batch(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handl
                 let id = uuid::Uuid::now_v7();
                 results.push(json!({"index": index, "id": id, "status": "accepted"}));
                 types.push(e.event_type.clone());
+                slots.push((results.len() - 1, e.dedup_id.clone()));
                 rows.push(EventRow {
                     organization_id: p.organization_id,
                     id,
@@ -285,13 +304,12 @@ pub fn create_batch(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handl
         }
     }
     ctx.metrics.events_accepted.add(accepted as u64);
-    let mut answer = json!({"accepted": accepted, "rejected": rejected, "results": results});
     let org = p.organization_id;
     let c = ctx.clone();
     if cfg.ack == "memory" {
-        answer["durability"] = json!("memory");
+        let answer = json!({"accepted": accepted, "rejected": rejected, "results": results, "durability": "memory"});
         (ctx.hooks.spawn)(Box::pin(async move {
-            if let Ok(Ok(())) = committed.await {
+            if let Ok(Ok(_)) = committed.await {
                 for t in &types {
                     c.inbox_waiters.wake(org, t);
                 }
@@ -301,10 +319,30 @@ pub fn create_batch(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handl
     }
     Handled::Pending(Box::pin(async move {
         match committed.await {
-            Ok(Ok(())) => {
-                for t in &types {
-                    c.inbox_waiters.wake(org, t);
+            Ok(Ok(dups)) => {
+                let mut duplicates = 0;
+                for ((slot, dedup_id), dup) in slots.iter().zip(&dups) {
+                    if let Some(original) = dup {
+                        duplicates += 1;
+                        let e = duplicate(&json!(dedup_id), *original);
+                        results[*slot] = json!({
+                            "index": results[*slot]["index"],
+                            "code": e.code,
+                            "error": e.message,
+                            "details": e.details,
+                        });
+                    }
                 }
+                for (t, dup) in types.iter().zip(&dups) {
+                    if dup.is_none() {
+                        c.inbox_waiters.wake(org, t);
+                    }
+                }
+                let answer = json!({
+                    "accepted": accepted - duplicates,
+                    "rejected": rejected + duplicates,
+                    "results": results,
+                });
                 Ok(json_response(202, &answer))
             }
             _ => Err(ApiError::unavailable(

@@ -25,8 +25,10 @@ use std::time::{Duration, Instant};
 pub struct IngestItem {
     pub rows: Vec<EventRow>,
     pub queued: Instant,
-    /// Completed after the commit (or the decision not to commit).
-    pub done: Option<oneshot::Sender<Result<(), Unavailable>>>,
+    /// Completed after the commit (or the decision not to commit): for each
+    /// row, `None` when stored, or the id of the event it duplicates
+    /// (`dedup_id` seen in the organization within 24 h; not stored).
+    pub done: Option<oneshot::Sender<Result<Vec<Option<uuid::Uuid>>, Unavailable>>>,
 }
 
 /// One event row.
@@ -218,14 +220,7 @@ fn commit(
     commit_timeout: Duration,
     stats: &PersistStats,
 ) {
-    copy.clear();
-    let mut rows = 0u64;
-    for item in batch.iter() {
-        for row in &item.rows {
-            encode_row(copy, row);
-        }
-        rows += item.rows.len() as u64;
-    }
+    let rows: u64 = batch.iter().map(|i| i.rows.len() as u64).sum();
     let oldest = batch
         .iter()
         .map(|i| i.queued)
@@ -234,8 +229,8 @@ fn commit(
     let mut backoff = Duration::from_millis(20);
     let outcome = loop {
         let started = Instant::now();
-        match write_batch(client, db, copy) {
-            Ok(()) => {
+        match write_batch(client, db, batch, copy) {
+            Ok(dups) => {
                 stats.healthy.store(true, Ordering::Relaxed);
                 stats
                     .commit_micros_total
@@ -243,14 +238,14 @@ fn commit(
                 stats.batches_committed.fetch_add(1, Ordering::Relaxed);
                 stats.events_committed.fetch_add(rows, Ordering::Relaxed);
                 stats.last_batch_size.store(rows, Ordering::Relaxed);
-                break Ok(());
+                break Ok(dups);
             }
             Err(e) => {
                 stats.commit_errors.fetch_add(1, Ordering::Relaxed);
                 stats.healthy.store(false, Ordering::Relaxed);
                 *client = None;
                 if oldest.elapsed() + backoff >= commit_timeout {
-                    log::warn!("persistence: giving up on a batch of {} events: {e}", rows);
+                    log::warn!("persistence: giving up on a batch of {rows} events: {e}");
                     stats.events_failed.fetch_add(rows, Ordering::Relaxed);
                     break Err(Unavailable);
                 }
@@ -260,24 +255,128 @@ fn commit(
             }
         }
     };
-    for mut item in batch.drain(..) {
-        if let Some(done) = item.done.take() {
-            let _ = done.send(outcome);
+    match outcome {
+        Ok(dups) => {
+            for (mut item, d) in batch.drain(..).zip(dups) {
+                if let Some(done) = item.done.take() {
+                    let _ = done.send(Ok(d));
+                }
+            }
+        }
+        Err(u) => {
+            for mut item in batch.drain(..) {
+                if let Some(done) = item.done.take() {
+                    let _ = done.send(Err(u));
+                }
+            }
         }
     }
+}
+
+/// Claims the batch's `dedup_id`s (24 h window, first claim wins, also within
+/// the batch); returns, per item and row, the original event id of each
+/// duplicate. Runs inside the batch's transaction.
+fn claim_dedup_ids(
+    tx: &mut postgres::Transaction<'_>,
+    batch: &[IngestItem],
+) -> Result<Vec<Vec<Option<uuid::Uuid>>>, postgres::Error> {
+    use std::collections::HashMap;
+    let mut dups: Vec<Vec<Option<uuid::Uuid>>> =
+        batch.iter().map(|i| vec![None; i.rows.len()]).collect();
+    // (org, dedup_id) → id of its first row in this batch
+    let mut first: HashMap<(uuid::Uuid, &str), uuid::Uuid> = HashMap::new();
+    let (mut orgs, mut keys, mut ids) = (Vec::new(), Vec::new(), Vec::new());
+    for item in batch {
+        for row in &item.rows {
+            if let Some(d) = row.dedup_id.as_deref() {
+                if let std::collections::hash_map::Entry::Vacant(v) =
+                    first.entry((row.organization_id, d))
+                {
+                    v.insert(row.id);
+                    orgs.push(row.organization_id);
+                    keys.push(d.to_string());
+                    ids.push(row.id);
+                }
+            }
+        }
+    }
+    if first.is_empty() {
+        return Ok(dups);
+    }
+    let claimed: std::collections::HashSet<(uuid::Uuid, String)> = tx
+        .query(
+            "INSERT INTO event_dedup (organization_id, dedup_id, event_id, expires_at)
+             SELECT o, d, e, now() + interval '24 hours'
+               FROM unnest($1::uuid[], $2::text[], $3::uuid[]) AS t(o, d, e)
+             ON CONFLICT (organization_id, dedup_id) DO UPDATE
+                SET event_id = EXCLUDED.event_id, expires_at = EXCLUDED.expires_at
+              WHERE event_dedup.expires_at <= now()
+          RETURNING organization_id, dedup_id",
+            &[&orgs, &keys, &ids],
+        )?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    // Keys another event holds already: that event is the original.
+    let mut original: HashMap<(uuid::Uuid, String), uuid::Uuid> = HashMap::new();
+    let (lost_orgs, lost_keys): (Vec<uuid::Uuid>, Vec<String>) = orgs
+        .iter()
+        .zip(&keys)
+        .filter(|(o, k)| !claimed.contains(&(**o, (*k).clone())))
+        .map(|(o, k)| (*o, k.clone()))
+        .unzip();
+    if !lost_orgs.is_empty() {
+        for r in tx.query(
+            "SELECT d.organization_id, d.dedup_id, d.event_id
+               FROM event_dedup d
+               JOIN unnest($1::uuid[], $2::text[]) AS t(o, k)
+                 ON d.organization_id = t.o AND d.dedup_id = t.k",
+            &[&lost_orgs, &lost_keys],
+        )? {
+            original.insert((r.get(0), r.get(1)), r.get(2));
+        }
+    }
+    for (item, d) in batch.iter().zip(dups.iter_mut()) {
+        for (row, slot) in item.rows.iter().zip(d.iter_mut()) {
+            let Some(key) = row.dedup_id.as_deref() else {
+                continue;
+            };
+            let k = (row.organization_id, key.to_string());
+            if let Some(orig) = original.get(&k) {
+                *slot = Some(*orig);
+            } else if let Some(&winner) = first.get(&(row.organization_id, key)) {
+                if winner != row.id {
+                    *slot = Some(winner);
+                }
+            }
+        }
+    }
+    Ok(dups)
 }
 
 fn write_batch(
     client: &mut Option<postgres::Client>,
     db: &DbSettings,
-    copy: &[u8],
-) -> Result<(), String> {
+    batch: &[IngestItem],
+    copy: &mut Vec<u8>,
+) -> Result<Vec<Vec<Option<uuid::Uuid>>>, String> {
     if client.as_ref().is_none_or(|c| c.is_closed()) {
         *client = Some(db.connect().map_err(|e| e.to_string())?);
     }
     let c = client.as_mut().ok_or("no connection")?;
     let mut tx = c.transaction().map_err(|e| e.to_string())?;
-    {
+    let dups = claim_dedup_ids(&mut tx, batch).map_err(|e| e.to_string())?;
+    copy.clear();
+    let mut any = false;
+    for (item, d) in batch.iter().zip(&dups) {
+        for (row, dup) in item.rows.iter().zip(d) {
+            if dup.is_none() {
+                encode_row(copy, row);
+                any = true;
+            }
+        }
+    }
+    if any {
         let mut w = tx
             .copy_in(
                 "COPY events (organization_id, id, type, source, payload, metadata, dedup_id, \
@@ -287,7 +386,8 @@ fn write_batch(
         w.write_all(copy).map_err(|e| e.to_string())?;
         w.finish().map_err(|e| e.to_string())?;
     }
-    tx.commit().map_err(|e| e.to_string())
+    tx.commit().map_err(|e| e.to_string())?;
+    Ok(dups)
 }
 
 /// Appends `s` escaped for COPY's text format.
