@@ -651,3 +651,132 @@ fn dedup_ids_within_a_day_are_duplicates() {
     let r = post_event(s.port, &a, body);
     assert_eq!(r.status, 202, "{}", r.text());
 }
+
+#[test]
+fn idempotency_keys_replay_refuse_and_survive_a_restart() {
+    let db = fresh_database();
+    let mut s = TestServer::start(
+        Some(&db),
+        &settings(&["cores.shards=[0, 1]", "limits.enterprise=1000000"]),
+    );
+    let key = generate_key(s.port, "Idem", "enterprise")["api_key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    let body = r#"{"type":"payment.made","payload":{"amount":10}}"#;
+    let with_key = |port: u16, k: &str, b: &str| {
+        call(
+            port,
+            "POST",
+            "/api/events",
+            &[("X-API-Key", &key), ("Idempotency-Key", k)],
+            Some(b),
+        )
+    };
+
+    let first = with_key(s.port, "pay-1", body);
+    assert_eq!(first.status, 202, "{}", first.text());
+    assert!(first.header("idempotent-replayed").is_none());
+    let id = first.json()["id"].clone();
+    // The same key and body: the original answer, marked as a replay.
+    let again = with_key(s.port, "pay-1", body);
+    assert_eq!(again.status, 202);
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(again.json(), first.json());
+    // Quoted structured-field form is the same key.
+    assert_eq!(with_key(s.port, "\"pay-1\"", body).json()["id"], id);
+    // The same key with another body: 422.
+    let other = with_key(
+        s.port,
+        "pay-1",
+        r#"{"type":"payment.made","payload":{"amount":11}}"#,
+    );
+    assert_eq!(other.status, 422);
+    assert_eq!(other.json()["code"], "idempotency_key_reused");
+    // Validation failures are not stored: fixing the body under the same key works.
+    let bad = with_key(s.port, "pay-2", r#"{"type":"","payload":1}"#);
+    assert_eq!(bad.status, 400);
+    assert_eq!(with_key(s.port, "pay-2", body).status, 202);
+    // Keys are checked before dedup_id and scoped per organization.
+    let other_org = generate_key(s.port, "Idem 2", "enterprise")["api_key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    let r = call(
+        s.port,
+        "POST",
+        "/api/events",
+        &[("X-API-Key", &other_org), ("Idempotency-Key", "pay-1")],
+        Some(body),
+    );
+    assert_eq!(r.status, 202);
+    assert_ne!(r.json()["id"], id);
+    let long = "k".repeat(256);
+    assert_eq!(with_key(s.port, &long, body).status, 400);
+
+    // Concurrent retries: one is handled, the others are told it is in progress
+    // or get its replay.
+    let port = s.port;
+    let racers: Vec<_> = (0..6)
+        .map(|_| {
+            let key = key.clone();
+            std::thread::spawn(move || {
+                call(
+                    port,
+                    "POST",
+                    "/api/events",
+                    &[("X-API-Key", &key), ("Idempotency-Key", "race-1")],
+                    Some(r#"{"type":"t","payload":1}"#),
+                )
+            })
+        })
+        .collect();
+    let answers: Vec<HttpResponse> = racers
+        .into_iter()
+        .map(|r| r.join().expect("racer"))
+        .collect();
+    let fresh: Vec<&HttpResponse> = answers
+        .iter()
+        .filter(|r| r.status == 202 && r.header("idempotent-replayed").is_none())
+        .collect();
+    assert_eq!(
+        fresh.len(),
+        1,
+        "{:?}",
+        answers.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    for r in &answers {
+        match r.status {
+            202 => assert_eq!(r.json()["id"], fresh[0].json()["id"]),
+            409 => assert_eq!(r.json()["code"], "request_in_progress"),
+            other => panic!("unexpected {other}"),
+        }
+    }
+
+    // The record is durable: a restarted server replays the same answer.
+    let status = s.terminate(Duration::from_secs(20)).expect("stopped");
+    assert!(status.success());
+    let s2 = TestServer::start(
+        Some(&db),
+        &settings(&["cores.shards=[0, 1]", "limits.enterprise=1000000"]),
+    );
+    let replay = call(
+        s2.port,
+        "POST",
+        "/api/events",
+        &[("X-API-Key", &key), ("Idempotency-Key", "pay-1")],
+        Some(body),
+    );
+    assert_eq!(replay.status, 202, "{}", replay.text());
+    assert_eq!(replay.json()["id"], id);
+    assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+    let mut c = postgres::Client::connect(&db, postgres::NoTls).expect("connect");
+    let n: i64 = c
+        .query_one(
+            "SELECT count(*) FROM events WHERE type = 'payment.made'",
+            &[],
+        )
+        .expect("count")
+        .get(0);
+    assert_eq!(n, 3, "pay-1 once, pay-2 once, the other organization once");
+}

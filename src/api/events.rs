@@ -5,8 +5,8 @@
 use super::body::{parse_object, require_json, FieldErrors};
 use super::{json_response, store_error, ApiError, Handled, ShardCtx};
 use crate::auth::Principal;
-use crate::http::Request;
-use crate::persist::{Enqueue, EventRow, IngestItem};
+use crate::http::{Request, Response};
+use crate::persist::{Enqueue, EventRow, IdempotencyRecord, IngestItem};
 use crate::store::ts;
 use futures::channel::oneshot;
 use serde_json::{json, Value};
@@ -112,6 +112,58 @@ pub fn validate(
     })
 }
 
+/// The `Idempotency-Key` header: bare, or a quoted structured-field string; 1–255 chars.
+pub fn idempotency_key(req: &Request) -> Result<Option<String>, ApiError> {
+    let Some(raw) = req.header("idempotency-key") else {
+        return Ok(None);
+    };
+    let bad = || {
+        ApiError::new(
+            400,
+            "validation_error",
+            "Idempotency-Key must be 1-255 characters.",
+        )
+        .details(json!({"Idempotency-Key": "must be 1-255 characters, bare or a quoted string"}))
+    };
+    let raw = std::str::from_utf8(raw).map_err(|_| bad())?.trim();
+    let key = match raw.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
+        Some(inner) => inner.replace("\\\"", "\"").replace("\\\\", "\\"),
+        None => raw.to_string(),
+    };
+    if key.is_empty() || key.chars().count() > 255 {
+        return Err(bad());
+    }
+    Ok(Some(key))
+}
+
+/// Holds (organization, key) in the shard's in-flight set until dropped.
+struct InFlightKey {
+    ctx: Rc<ShardCtx>,
+    slot: (uuid::Uuid, String),
+}
+
+impl InFlightKey {
+    fn claim(ctx: &Rc<ShardCtx>, org: uuid::Uuid, key: &str) -> Option<InFlightKey> {
+        let slot = (org, key.to_string());
+        ctx.idempotency_in_flight
+            .borrow_mut()
+            .insert(slot.clone())
+            .then(|| InFlightKey {
+                ctx: ctx.clone(),
+                slot,
+            })
+    }
+}
+
+impl Drop for InFlightKey {
+    fn drop(&mut self) {
+        self.ctx
+            .idempotency_in_flight
+            .borrow_mut()
+            .remove(&self.slot);
+    }
+}
+
 /// `POST /api/events`.
 pub fn create(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
     let cfg = &ctx.shared.config.ingest;
@@ -122,6 +174,73 @@ pub fn create(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
         Ok(e) => e,
         Err(e) => return Handled::Ready(Err(e)),
     };
+    let key = match idempotency_key(&req) {
+        Ok(Some(k)) => k,
+        Ok(None) => return enqueue(ctx, p.organization_id, event, None),
+        Err(e) => return Handled::Ready(Err(e)),
+    };
+    // Idempotency-Key: checked before dedup_id. The organization's requests
+    // all reach this (owner) shard, so the in-flight set sees every retry.
+    let org = p.organization_id;
+    let digest: Vec<u8> = <sha2::Sha256 as sha2::Digest>::digest(&req.body).to_vec();
+    let Some(guard) = InFlightKey::claim(ctx, org, &key) else {
+        return Handled::Ready(Err(ApiError::new(
+            409,
+            "request_in_progress",
+            "A request with this Idempotency-Key is still in progress.",
+        )));
+    };
+    let k = key.clone();
+    let lookup = ctx.shared.queries.submit(move |client| {
+        let row = client.query_opt(
+            "SELECT request_digest, status_code, response_body FROM idempotency_keys
+              WHERE organization_id = $1 AND idempotency_key = $2 AND expires_at > now()",
+            &[&org, &k],
+        )?;
+        Ok(row.map(|r| {
+            let (d, status, body): (Vec<u8>, Option<i32>, Option<Vec<u8>>) =
+                (r.get(0), r.get(1), r.get(2));
+            (d, status, body)
+        }))
+    });
+    let lookup = match lookup {
+        Ok(l) => l,
+        Err(e) => return Handled::Ready(Err(store_error(e))),
+    };
+    let ctx = ctx.clone();
+    Handled::Pending(Box::pin(async move {
+        let _guard = guard;
+        let found = lookup
+            .await
+            .map_err(|_| ApiError::internal())?
+            .map_err(store_error)?;
+        match found {
+            Some((stored, status, body)) if stored == digest => {
+                let status = status.and_then(|s| u16::try_from(s).ok()).unwrap_or(202);
+                Ok(Response::json(status, body.unwrap_or_default())
+                    .header("idempotent-replayed", "true"))
+            }
+            Some(_) => Err(ApiError::new(
+                422,
+                "idempotency_key_reused",
+                "This Idempotency-Key was used with a different request body.",
+            )),
+            None => match enqueue(&ctx, org, event, Some((key, digest))) {
+                Handled::Ready(r) => r,
+                Handled::Pending(f) => f.await,
+            },
+        }
+    }))
+}
+
+/// Mints the id, hands the event to the persistence core, answers after the commit.
+fn enqueue(
+    ctx: &Rc<ShardCtx>,
+    org: uuid::Uuid,
+    event: NewEvent,
+    idempotency: Option<(String, Vec<u8>)>,
+) -> Handled {
+    let cfg = &ctx.shared.config.ingest;
     let id = uuid::Uuid::now_v7();
     let created_at = crate::time::now_micros();
     let (done, committed) = oneshot::channel();
@@ -132,9 +251,17 @@ pub fn create(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
         "created_at": crate::time::rfc3339_micros(created_at),
         "dedup_id": event.dedup_id,
     });
+    let idempotency = idempotency.map(|(key, request_digest)| IdempotencyRecord {
+        organization_id: org,
+        key,
+        request_digest,
+        status: 202,
+        body: serde_json::to_vec(&answer).unwrap_or_default(),
+    });
     let item = IngestItem {
+        idempotency,
         rows: vec![EventRow {
-            organization_id: p.organization_id,
+            organization_id: org,
             id,
             event_type: event.event_type,
             source: event.source,
@@ -154,7 +281,6 @@ pub fn create(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
         }
     }
     ctx.metrics.events_accepted.inc();
-    let org = p.organization_id;
     let event_type = answer["type"].as_str().unwrap_or_default().to_string();
     if cfg.ack == "memory" {
         let mut a = answer;
@@ -293,6 +419,7 @@ pub fn create_batch(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handl
     let (done, committed) = oneshot::channel();
     let item = IngestItem {
         rows,
+        idempotency: None,
         queued: Instant::now(),
         done: Some(done),
     };

@@ -70,6 +70,8 @@ pub struct ShardCtx {
     pub hooks: EngineHooks,
     /// Long-polling inbox requests of the organizations this shard owns.
     pub inbox_waiters: inbox::InboxWaiters,
+    /// (organization, Idempotency-Key) of requests being handled now.
+    pub idempotency_in_flight: std::cell::RefCell<std::collections::HashSet<(uuid::Uuid, String)>>,
     origin: Instant,
     request_prefix: u64,
     request_seq: Cell<u64>,
@@ -90,6 +92,7 @@ impl ShardCtx {
             auth,
             hooks,
             inbox_waiters: inbox::InboxWaiters::new(INBOX_WAITERS),
+            idempotency_in_flight: Default::default(),
             origin: Instant::now(),
             request_prefix: random,
             request_seq: Cell::new(0),

@@ -24,11 +24,22 @@ use std::time::{Duration, Instant};
 /// The events of one request on their way to PostgreSQL, committed together.
 pub struct IngestItem {
     pub rows: Vec<EventRow>,
+    /// Stored in the same transaction when the rows are (not for duplicates).
+    pub idempotency: Option<IdempotencyRecord>,
     pub queued: Instant,
     /// Completed after the commit (or the decision not to commit): for each
     /// row, `None` when stored, or the id of the event it duplicates
     /// (`dedup_id` seen in the organization within 24 h; not stored).
     pub done: Option<oneshot::Sender<Result<Vec<Option<uuid::Uuid>>, Unavailable>>>,
+}
+
+/// The `Idempotency-Key` record of a request and the 2xx answer to replay.
+pub struct IdempotencyRecord {
+    pub organization_id: uuid::Uuid,
+    pub key: String,
+    pub request_digest: Vec<u8>,
+    pub status: i32,
+    pub body: Vec<u8>,
 }
 
 /// One event row.
@@ -385,6 +396,24 @@ fn write_batch(
             .map_err(|e| e.to_string())?;
         w.write_all(copy).map_err(|e| e.to_string())?;
         w.finish().map_err(|e| e.to_string())?;
+    }
+    for (item, d) in batch.iter().zip(&dups) {
+        if let Some(rec) = &item.idempotency {
+            if d.iter().all(Option::is_none) {
+                tx.execute(
+                    "INSERT INTO idempotency_keys
+                         (organization_id, idempotency_key, request_digest, status_code, response_body, expires_at)
+                     VALUES ($1, $2, $3, $4, $5, now() + interval '24 hours')
+                     ON CONFLICT (organization_id, idempotency_key) DO UPDATE
+                        SET request_digest = EXCLUDED.request_digest, status_code = EXCLUDED.status_code,
+                            response_body = EXCLUDED.response_body, created_at = now(),
+                            expires_at = EXCLUDED.expires_at
+                      WHERE idempotency_keys.expires_at <= now()",
+                    &[&rec.organization_id, &rec.key, &rec.request_digest, &rec.status, &rec.body],
+                )
+                .map_err(|e| e.to_string())?;
+            }
+        }
     }
     tx.commit().map_err(|e| e.to_string())?;
     Ok(dups)
