@@ -780,3 +780,76 @@ fn idempotency_keys_replay_refuse_and_survive_a_restart() {
         .get(0);
     assert_eq!(n, 3, "pay-1 once, pay-2 once, the other organization once");
 }
+
+#[test]
+fn kill_dash_nine_under_load_loses_no_accepted_event() {
+    let db = fresh_database();
+    let cfg = settings(&["cores.shards=[0, 1]", "limits.enterprise=100000000"]);
+    let mut s = TestServer::start(Some(&db), &cfg);
+    let key = generate_key(s.port, "Crash", "enterprise")["api_key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    let port = s.port;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let producers: Vec<_> = (0..6)
+        .map(|t| {
+            let (key, stop) = (key.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut accepted = Vec::new();
+                let mut i = 0;
+                'outer: while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) else { break };
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+                    loop {
+                        i += 1;
+                        let body = format!(r#"{{"type":"crash.test","payload":{{"t":{t},"i":{i},"s":"x\ty"}}}}"#);
+                        let raw = format!(
+                            "POST /api/events HTTP/1.1\r\nX-API-Key: {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if std::io::Write::write_all(&mut c, raw.as_bytes()).is_err() {
+                            break 'outer;
+                        }
+                        let r = read_responses(&mut c, 1);
+                        let Some(r) = r.first() else { break 'outer };
+                        if r.status == 202 {
+                            accepted.push((r.json()["id"].as_str().expect("id").to_string(), body));
+                        }
+                    }
+                }
+                accepted
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    // SIGKILL: no drain, no goodbye.
+    let mut child = s.child.take().expect("child");
+    child.kill().expect("kill -9");
+    let _ = child.wait();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let accepted: Vec<(String, String)> = producers
+        .into_iter()
+        .flat_map(|p| p.join().expect("producer"))
+        .collect();
+    assert!(
+        accepted.len() > 50,
+        "too little load to mean anything: {}",
+        accepted.len()
+    );
+
+    // Restarted on the same database, every 202 is there with its exact payload.
+    let s2 = TestServer::start(Some(&db), &cfg);
+    assert_eq!(s2.get("/health/ready").status, 200);
+    let mut c = postgres::Client::connect(&db, postgres::NoTls).expect("connect");
+    for (id, body) in &accepted {
+        let id = uuid::Uuid::parse_str(id).expect("uuid");
+        let row = c
+            .query_opt("SELECT payload FROM events WHERE id = $1", &[&id])
+            .expect("query");
+        let row = row.unwrap_or_else(|| panic!("202'd event {id} is missing after kill -9"));
+        let sent: serde_json::Value = serde_json::from_str(body).expect("json");
+        assert_eq!(row.get::<_, serde_json::Value>(0), sent["payload"]);
+    }
+    let _ = s.terminate(Duration::from_secs(1));
+}
