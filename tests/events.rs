@@ -797,25 +797,25 @@ fn kill_dash_nine_under_load_loses_no_accepted_event() {
             let (key, stop) = (key.clone(), stop.clone());
             std::thread::spawn(move || {
                 let mut accepted = Vec::new();
+                let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+                    return accepted;
+                };
+                let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
                 let mut i = 0;
-                'outer: while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) else { break };
-                    let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
-                    loop {
-                        i += 1;
-                        let body = format!(r#"{{"type":"crash.test","payload":{{"t":{t},"i":{i},"s":"x\ty"}}}}"#);
-                        let raw = format!(
-                            "POST /api/events HTTP/1.1\r\nX-API-Key: {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                            body.len()
-                        );
-                        if std::io::Write::write_all(&mut c, raw.as_bytes()).is_err() {
-                            break 'outer;
-                        }
-                        let r = read_responses(&mut c, 1);
-                        let Some(r) = r.first() else { break 'outer };
-                        if r.status == 202 {
-                            accepted.push((r.json()["id"].as_str().expect("id").to_string(), body));
-                        }
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    i += 1;
+                    let body = format!(r#"{{"type":"crash.test","payload":{{"t":{t},"i":{i},"s":"x\ty"}}}}"#);
+                    let raw = format!(
+                        "POST /api/events HTTP/1.1\r\nX-API-Key: {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if std::io::Write::write_all(&mut c, raw.as_bytes()).is_err() {
+                        break;
+                    }
+                    let r = read_responses(&mut c, 1);
+                    let Some(r) = r.first() else { break };
+                    if r.status == 202 {
+                        accepted.push((r.json()["id"].as_str().expect("id").to_string(), body));
                     }
                 }
                 accepted
