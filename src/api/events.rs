@@ -480,6 +480,34 @@ pub fn create_batch(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handl
     }))
 }
 
+/// The columns `event_json` reads, in its order.
+pub fn event_columns() -> String {
+    format!(
+        "id, type, source, payload, metadata, dedup_id, status, attempts, last_error, {}, {}, {}",
+        ts("created_at"),
+        ts("updated_at"),
+        ts("delivered_at")
+    )
+}
+
+/// An event row (selected with `event_columns`) as the API shows it.
+pub fn event_json(r: &postgres::Row) -> Value {
+    json!({
+        "id": r.get::<_, uuid::Uuid>(0),
+        "type": r.get::<_, String>(1),
+        "source": r.get::<_, Option<String>>(2),
+        "payload": r.get::<_, Value>(3),
+        "metadata": r.get::<_, Option<Value>>(4),
+        "dedup_id": r.get::<_, Option<String>>(5),
+        "status": r.get::<_, String>(6),
+        "attempts": r.get::<_, i32>(7),
+        "last_error": r.get::<_, Option<String>>(8),
+        "created_at": r.get::<_, String>(9),
+        "updated_at": r.get::<_, String>(10),
+        "delivered_at": r.get::<_, Option<String>>(11),
+    })
+}
+
 /// The `{id}` of `/api/events/{id}`, or 400.
 pub fn path_id(req: &Request) -> Result<uuid::Uuid, ApiError> {
     let tail = req.path().trim_start_matches("/api/events/");
@@ -499,31 +527,15 @@ pub fn get(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
     let job = ctx.shared.queries.submit(move |client| {
         let row = client.query_opt(
             &format!(
-                "SELECT id, type, source, payload, metadata, dedup_id, status, attempts, last_error,
-                        {}, {}, {}
-                   FROM events WHERE organization_id = $1 AND id = $2",
-                ts("created_at"),
-                ts("updated_at"),
-                ts("delivered_at")
+                "SELECT {} FROM events WHERE organization_id = $1 AND id = $2",
+                event_columns()
             ),
             &[&org, &id],
         )?;
         Ok(row.map(|r| {
-            json!({
-                "id": r.get::<_, uuid::Uuid>(0),
-                "type": r.get::<_, String>(1),
-                "source": r.get::<_, Option<String>>(2),
-                "payload": r.get::<_, Value>(3),
-                "metadata": r.get::<_, Option<Value>>(4),
-                "dedup_id": r.get::<_, Option<String>>(5),
-                "status": r.get::<_, String>(6),
-                "attempts": r.get::<_, i32>(7),
-                "last_error": r.get::<_, Option<String>>(8),
-                "created_at": r.get::<_, String>(9),
-                "updated_at": r.get::<_, String>(10),
-                "delivered_at": r.get::<_, Option<String>>(11),
-                "deliveries": [],
-            })
+            let mut v = event_json(&r);
+            v["deliveries"] = json!([]);
+            v
         }))
     });
     let reply = match job {

@@ -113,8 +113,7 @@ fn submit_page(
             let status: Option<&str> = (q.status != "all").then_some(q.status.as_str());
             let rows = client.query(
                 &format!(
-                    "SELECT id, type, source, payload, metadata, dedup_id, status, attempts, last_error,
-                            {}, {}, {}
+                    "SELECT {}
                        FROM events
                       WHERE organization_id = $1
                         AND ($2::text IS NULL OR status = $2)
@@ -122,9 +121,7 @@ fn submit_page(
                         AND ($4::uuid IS NULL OR id > $4)
                       ORDER BY id
                       LIMIT $5",
-                    ts("created_at"),
-                    ts("updated_at"),
-                    ts("delivered_at")
+                    super::events::event_columns()
                 ),
                 &[&org, &status, &q.event_type, &q.after, &(q.limit + 1)],
             )?;
@@ -138,26 +135,7 @@ fn submit_page(
             let events: Vec<(uuid::Uuid, Value)> = rows
                 .iter()
                 .take(q.limit as usize)
-                .map(|r| {
-                    let id: uuid::Uuid = r.get(0);
-                    (
-                        id,
-                        json!({
-                            "id": id,
-                            "type": r.get::<_, String>(1),
-                            "source": r.get::<_, Option<String>>(2),
-                            "payload": r.get::<_, Value>(3),
-                            "metadata": r.get::<_, Option<Value>>(4),
-                            "dedup_id": r.get::<_, Option<String>>(5),
-                            "status": r.get::<_, String>(6),
-                            "attempts": r.get::<_, i32>(7),
-                            "last_error": r.get::<_, Option<String>>(8),
-                            "created_at": r.get::<_, String>(9),
-                            "updated_at": r.get::<_, String>(10),
-                            "delivered_at": r.get::<_, Option<String>>(11),
-                        }),
-                    )
-                })
+                .map(|r| (r.get(0), super::events::event_json(r)))
                 .collect();
             Ok((events, has_more, total, q.limit))
         })
