@@ -245,6 +245,89 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
     out
 }
 
+/// The persistence core's counters and each shard's ring occupancy.
+pub fn render_persistence(
+    out: &mut String,
+    stats: &crate::persist::PersistStats,
+    rings: &[crate::persist::Ring],
+) {
+    use std::sync::atomic::Ordering::Relaxed as R;
+    let counters: [(&str, &str, u64); 5] = [
+        (
+            "triggers_events_committed_total",
+            "Events committed to PostgreSQL.",
+            stats.events_committed.load(R),
+        ),
+        (
+            "triggers_commit_batches_total",
+            "Batches committed (one transaction each).",
+            stats.batches_committed.load(R),
+        ),
+        (
+            "triggers_events_failed_total",
+            "Events answered 503 because their batch could not be committed in time.",
+            stats.events_failed.load(R),
+        ),
+        (
+            "triggers_commit_errors_total",
+            "Failed batch attempts (each retried until the commit deadline).",
+            stats.commit_errors.load(R),
+        ),
+        (
+            "triggers_last_batch_events",
+            "Events in the last committed batch.",
+            stats.last_batch_size.load(R),
+        ),
+    ];
+    for (name, help, v) in counters {
+        if name == "triggers_commit_seconds_total" {
+            family(
+                out,
+                name,
+                "counter",
+                "Time spent writing and committing batches.",
+            );
+            let _ = writeln!(
+                out,
+                "{name} {:.6}",
+                stats.commit_micros_total.load(R) as f64 / 1e6
+            );
+            continue;
+        }
+        let kind = if name.ends_with("_total") {
+            "counter"
+        } else {
+            "gauge"
+        };
+        family(out, name, kind, help);
+        let _ = writeln!(out, "{name} {v}");
+    }
+    family(
+        out,
+        "triggers_ring_events",
+        "gauge",
+        "Events waiting in each shard's ring to the persistence core.",
+    );
+    family(
+        out,
+        "triggers_ring_capacity",
+        "gauge",
+        "Capacity of each shard's ring.",
+    );
+    for (shard, ring) in rings.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "triggers_ring_events{{shard=\"{shard}\"}} {}",
+            ring.len()
+        );
+        let _ = writeln!(
+            out,
+            "triggers_ring_capacity{{shard=\"{shard}\"}} {}",
+            ring.capacity()
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

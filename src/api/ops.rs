@@ -99,7 +99,8 @@ pub fn metrics(ctx: &Rc<ShardCtx>, req: &Request) -> Handled {
             Some(_) => {}
         }
     }
-    let text = crate::metrics::render(&ctx.shared.metrics);
+    let mut text = crate::metrics::render(&ctx.shared.metrics);
+    crate::metrics::render_persistence(&mut text, &ctx.shared.persist_stats, &ctx.shared.rings);
     Handled::Ready(Ok(Response::new(200)
         .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
         .with_body(text.into_bytes())))
