@@ -279,21 +279,18 @@ pub fn render_persistence(
             stats.last_batch_size.load(R),
         ),
     ];
+    family(
+        out,
+        "triggers_commit_seconds_total",
+        "counter",
+        "Time spent writing and committing batches.",
+    );
+    let _ = writeln!(
+        out,
+        "triggers_commit_seconds_total {:.6}",
+        stats.commit_micros_total.load(R) as f64 / 1e6
+    );
     for (name, help, v) in counters {
-        if name == "triggers_commit_seconds_total" {
-            family(
-                out,
-                name,
-                "counter",
-                "Time spent writing and committing batches.",
-            );
-            let _ = writeln!(
-                out,
-                "{name} {:.6}",
-                stats.commit_micros_total.load(R) as f64 / 1e6
-            );
-            continue;
-        }
         let kind = if name.ends_with("_total") {
             "counter"
         } else {

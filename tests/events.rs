@@ -285,8 +285,14 @@ fn concurrent_ingest_every_202_is_committed() {
     assert_eq!(n, 800);
     let metrics = s.get("/metrics").text();
     assert!(metrics.contains("triggers_events_accepted_total"));
-    assert!(metrics.contains("triggers_events_committed_total 800\n"), "{metrics}");
-    assert!(metrics.contains("triggers_ring_events{shard=\"1\"} 0"), "{metrics}");
+    assert!(
+        metrics.contains("triggers_events_committed_total 800\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("triggers_ring_events{shard=\"1\"} 0"),
+        "{metrics}"
+    );
 }
 
 #[test]
