@@ -3,7 +3,7 @@
 //! 202 after the commit) and `GET /api/events/{id}`.
 
 use super::body::{parse_object, require_json, FieldErrors};
-use super::{json_response, store_error, ApiError, Handled, ShardCtx};
+use super::{answer, json_response, store_error, ApiError, Handled, ShardCtx};
 use crate::auth::Principal;
 use crate::http::{Request, Response};
 use crate::persist::{Enqueue, EventRow, IdempotencyRecord, IngestItem};
@@ -210,10 +210,7 @@ pub fn create(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
     let ctx = ctx.clone();
     Handled::Pending(Box::pin(async move {
         let _guard = guard;
-        let found = lookup
-            .await
-            .map_err(|_| ApiError::internal())?
-            .map_err(store_error)?;
+        let found = answer(lookup).await?;
         match found {
             Some((stored, status, body)) if stored == digest => {
                 let status = status.and_then(|s| u16::try_from(s).ok()).unwrap_or(202);
@@ -508,18 +505,9 @@ pub fn event_json(r: &postgres::Row) -> Value {
     })
 }
 
-/// The `{id}` of `/api/events/{id}`, or 400.
-pub fn path_id(req: &Request) -> Result<uuid::Uuid, ApiError> {
-    let tail = req.path().trim_start_matches("/api/events/");
-    uuid::Uuid::parse_str(tail).map_err(|_| {
-        ApiError::new(400, "validation_error", "The event id must be a UUID.")
-            .details(json!({"id": "must be a UUID"}))
-    })
-}
-
 /// `GET /api/events/{id}`.
 pub fn get(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
-    let id = match path_id(&req) {
+    let id = match super::path_id(req.path(), "/api/events/") {
         Ok(id) => id,
         Err(e) => return Handled::Ready(Err(e)),
     };
@@ -543,11 +531,7 @@ pub fn get(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
         Err(e) => return Handled::Ready(Err(store_error(e))),
     };
     Handled::Pending(Box::pin(async move {
-        match reply
-            .await
-            .map_err(|_| ApiError::internal())?
-            .map_err(store_error)?
-        {
+        match answer(reply).await? {
             Some(v) => Ok(json_response(200, &v)),
             None => Err(ApiError::not_found()),
         }

@@ -4,7 +4,7 @@
 //! organization: another organization's event is simply not found.
 
 use super::body::{parse_object, require_json, FieldErrors};
-use super::{json_response, store_error, ApiError, Handled, ShardCtx};
+use super::{answer, json_response, store_error, ApiError, Handled, ShardCtx};
 use crate::auth::Principal;
 use crate::http::{Request, Response};
 use crate::store::ts;
@@ -175,10 +175,7 @@ pub fn list(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
     };
     let ctx = ctx.clone();
     Handled::Pending(Box::pin(async move {
-        let page = reply
-            .await
-            .map_err(|_| ApiError::internal())?
-            .map_err(store_error)?;
+        let page = answer(reply).await?;
         if !page.0.is_empty() || q.wait == 0 {
             return Ok(page_response(page));
         }
@@ -188,10 +185,7 @@ pub fn list(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
         let timer = (ctx.hooks.sleep)(std::time::Duration::from_secs(q.wait));
         futures::future::select(woken, timer).await;
         let again = submit_page(&ctx, org, q)?;
-        let page = again
-            .await
-            .map_err(|_| ApiError::internal())?
-            .map_err(store_error)?;
+        let page = answer(again).await?;
         Ok(page_response(page))
     }))
 }
@@ -300,24 +294,16 @@ fn ack_one(
     prefix: &str,
     no_content: bool,
 ) -> Handled {
-    let tail = req.path().trim_start_matches(prefix);
-    let Ok(id) = uuid::Uuid::parse_str(tail) else {
-        return Handled::Ready(Err(ApiError::new(
-            400,
-            "validation_error",
-            "The event id must be a UUID.",
-        )
-        .details(json!({"id": "must be a UUID"}))));
+    let id = match super::path_id(req.path(), prefix) {
+        Ok(id) => id,
+        Err(e) => return Handled::Ready(Err(e)),
     };
     let reply = match ack_ids(ctx, p.organization_id, vec![id]) {
         Ok(r) => r,
         Err(e) => return Handled::Ready(Err(e)),
     };
     Handled::Pending(Box::pin(async move {
-        let rows = reply
-            .await
-            .map_err(|_| ApiError::internal())?
-            .map_err(store_error)?;
+        let rows = answer(reply).await?;
         let Some((id, at)) = rows.into_iter().next() else {
             return Err(ApiError::not_found());
         };
@@ -374,10 +360,7 @@ pub fn ack_bulk(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
         Err(e) => return Handled::Ready(Err(e)),
     };
     Handled::Pending(Box::pin(async move {
-        let rows = reply
-            .await
-            .map_err(|_| ApiError::internal())?
-            .map_err(store_error)?;
+        let rows = answer(reply).await?;
         let found: std::collections::HashSet<uuid::Uuid> = rows.iter().map(|(id, _)| *id).collect();
         let mut not_found: Vec<String> = Vec::new();
         for id in &ids {

@@ -5,7 +5,9 @@
 
 use super::auth::limit_for_tier;
 use super::body::{parse_object, require_json, FieldErrors};
-use super::{bearer, constant_time_eq, json_response, store_error, ApiError, Handled, ShardCtx};
+use super::{
+    answer, bearer, constant_time_eq, json_response, store_error, ApiError, Handled, ShardCtx,
+};
 use crate::auth::invalidation::CHANNEL;
 use crate::auth::{key, Principal};
 use crate::http::Request;
@@ -89,10 +91,7 @@ pub fn generate(ctx: &Rc<ShardCtx>, req: &Request) -> Handled {
     };
     let ctx = ctx.clone();
     Handled::Pending(Box::pin(async move {
-        let o = reply
-            .await
-            .map_err(|_| ApiError::internal())?
-            .map_err(store_error)?;
+        let o = answer(reply).await?;
         let limit = limit_for_tier(&ctx, &o.tier);
         Ok(json_response(
             201,
@@ -190,10 +189,7 @@ pub fn rotate(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
     };
     let ctx = ctx.clone();
     Handled::Pending(Box::pin(async move {
-        let (key_id, full, rotated, old_expires) = reply
-            .await
-            .map_err(|_| ApiError::internal())?
-            .map_err(store_error)?;
+        let (key_id, full, rotated, old_expires) = answer(reply).await?;
         // This shard owns every key of the organization: the old key's entry
         // goes now, before the answer (other processes hear the NOTIFY).
         ctx.auth.cache.borrow_mut().invalidate(&p.key_id);

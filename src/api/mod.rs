@@ -409,6 +409,23 @@ fn store_error(e: crate::store::StoreError) -> ApiError {
     }
 }
 
+/// Awaits a worker's answer: a vanished worker is 500, a database failure
+/// goes through `store_error`.
+async fn answer<T>(reply: crate::store::Reply<T>) -> Result<T, ApiError> {
+    reply
+        .await
+        .map_err(|_| ApiError::internal())?
+        .map_err(store_error)
+}
+
+/// The event id at the end of `path` after `prefix`, or 400.
+fn path_id(path: &str, prefix: &str) -> Result<uuid::Uuid, ApiError> {
+    uuid::Uuid::parse_str(path.trim_start_matches(prefix)).map_err(|_| {
+        ApiError::new(400, "validation_error", "The event id must be a UUID.")
+            .details(serde_json::json!({"id": "must be a UUID"}))
+    })
+}
+
 /// The token of `Authorization: Bearer <token>`, if present.
 pub fn bearer(req: &Request) -> Option<&str> {
     let v = req.header_str("authorization")?.trim();
