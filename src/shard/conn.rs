@@ -100,7 +100,7 @@ fn hand_over(
         leftover: inbuf.bytes().to_vec(),
         peer,
     };
-    links.send(shard, h).is_ok()
+    links.send(shard, h)
 }
 
 pub async fn serve(
