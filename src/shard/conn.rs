@@ -100,7 +100,7 @@ fn hand_over(
         leftover: inbuf.bytes().to_vec(),
         peer,
     };
-    links.send(shard, h)
+    links.send(shard, h).is_ok()
 }
 
 pub async fn serve(

@@ -8,9 +8,11 @@
 use super::conn;
 use crate::api::ShardCtx;
 use crate::http::Request;
-use glommio::channels::shared_channel::{ConnectedSender, SharedReceiver, SharedSender};
+use futures::channel::mpsc;
+use futures::StreamExt;
 use glommio::net::TcpStream;
 use glommio::TaskQueueHandle;
+use std::cell::RefCell;
 use std::net::IpAddr;
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::rc::Rc;
@@ -23,58 +25,45 @@ pub struct Handoff {
     pub peer: Option<IpAddr>,
 }
 
-/// A shard's senders to every other shard's handoff inbox (glommio shared
-/// channels: the receiving executor learns of new items in its own reactor
-/// loop, so a handoff is never left waiting for an unrelated wake-up).
+/// The senders to every shard's handoff inbox, owned by one shard.
 pub struct Links {
-    peers: Vec<Option<ConnectedSender<Handoff>>>,
+    peers: RefCell<Vec<mpsc::Sender<Handoff>>>,
 }
 
 impl Links {
-    /// Connects to every peer (each peer's receiving task must be running).
-    pub async fn connect(senders: Vec<Option<SharedSender<Handoff>>>) -> Rc<Links> {
-        let mut peers = Vec::with_capacity(senders.len());
-        for s in senders {
-            peers.push(match s {
-                Some(s) => Some(s.connect().await),
-                None => None,
-            });
-        }
-        Rc::new(Links { peers })
+    pub fn new(peers: Vec<mpsc::Sender<Handoff>>) -> Rc<Links> {
+        Rc::new(Links {
+            peers: RefCell::new(peers),
+        })
     }
 
-    /// Queues `h` for `shard` without waiting; false (and `h` dropped, closing
-    /// its descriptor copy) when the inbox is full or gone.
-    pub fn send(&self, shard: usize, h: Handoff) -> bool {
-        match self.peers.get(shard).and_then(Option::as_ref) {
-            Some(tx) => tx.try_send(h).is_ok(),
-            None => false,
+    /// Queues `h` for `shard` without waiting; gives it back when the inbox is full.
+    pub fn send(&self, shard: usize, h: Handoff) -> Result<(), Box<Handoff>> {
+        let mut peers = self.peers.borrow_mut();
+        match peers.get_mut(shard) {
+            Some(tx) => tx.try_send(h).map_err(|e| Box::new(e.into_inner())),
+            None => Err(Box::new(h)),
         }
     }
 }
 
-/// Serves every connection handed to this shard through `inbox`.
+/// Serves every connection handed to this shard.
 pub async fn receive(
-    inbox: SharedReceiver<Handoff>,
+    mut inbox: mpsc::Receiver<Handoff>,
     ctx: Rc<ShardCtx>,
-    links: Rc<std::cell::OnceCell<Rc<Links>>>,
+    links: Rc<Links>,
     queue: TaskQueueHandle,
 ) {
-    let inbox = inbox.connect().await;
-    while let Some(h) = inbox.recv().await {
+    while let Some(h) = inbox.next().await {
         // SAFETY: the descriptor is a connected TCP socket whose ownership came with the message.
         let stream = unsafe { TcpStream::from_raw_fd(h.fd.into_raw_fd()) };
-        let Some(links) = links.get().cloned() else {
-            // Not serving yet: the connection closes (its client retries).
-            continue;
-        };
         let handed = conn::Handed {
             request: h.request,
             leftover: h.leftover,
             peer: h.peer,
         };
         match glommio::spawn_local_into(
-            conn::serve(stream, ctx.clone(), links, Some(handed)),
+            conn::serve(stream, ctx.clone(), links.clone(), Some(handed)),
             queue,
         ) {
             Ok(task) => {

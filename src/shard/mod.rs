@@ -14,7 +14,6 @@ use crate::api::{EngineHooks, ShardCtx, Shared};
 use crate::auth::invalidation::Invalidation;
 use futures::channel::{mpsc, oneshot};
 use futures::StreamExt;
-use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
 use glommio::net::TcpListener;
 use glommio::{
     executor, ExecutorJoinHandle, Latency, LocalExecutorBuilder, Placement, Shares, TaskQueueHandle,
@@ -84,27 +83,18 @@ pub fn start(
 ) -> Result<ShardSet, ShardError> {
     let cfg = &shared.config;
     let mut shards = Vec::new();
-    // One single-producer channel for each ordered pair of shards.
-    let n = shared.plan.shards.len();
-    let mut senders: Vec<Vec<Option<SharedSender<Handoff>>>> =
-        (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
-    let mut receivers: Vec<Vec<SharedReceiver<Handoff>>> = (0..n).map(|_| Vec::new()).collect();
-    for (i, row) in senders.iter_mut().enumerate() {
-        for (j, slot) in row.iter_mut().enumerate() {
-            if i != j {
-                let (tx, rx) = shared_channel::new_bounded(HANDOFF_QUEUE);
-                *slot = Some(tx);
-                receivers[j].push(rx);
-            }
-        }
-    }
-    let mut senders = senders.into_iter();
-    let mut inboxes = receivers.into_iter().zip(invalidations);
+    let (handoff_tx, handoff_rx): (Vec<_>, Vec<_>) = shared
+        .plan
+        .shards
+        .iter()
+        .map(|_| mpsc::channel::<Handoff>(HANDOFF_QUEUE))
+        .unzip();
+    let mut inboxes = handoff_rx.into_iter().zip(invalidations);
     for (id, &core) in shared.plan.shards.iter().enumerate() {
         let Some((inbox, invalidations)) = inboxes.next() else {
             break;
         };
-        let peers = senders.next().unwrap_or_default();
+        let peers = handoff_tx.clone();
         let socket = reuseport_listener(addr, cfg.http.listen_backlog)
             .map_err(|source| ShardError::Listen { addr, source })?;
         let fd: RawFd = socket.into_raw_fd();
@@ -121,11 +111,12 @@ pub fn start(
             .spawn(move || async move {
                 // SAFETY: `fd` is a listening socket we own; nothing else uses it.
                 let listener = unsafe { TcpListener::from_raw_fd(fd) };
+                let links = Links::new(peers);
                 run_shard(
                     id,
                     shard_shared,
                     listener,
-                    peers,
+                    links,
                     inbox,
                     invalidations,
                     stop_rx,
@@ -162,8 +153,8 @@ async fn run_shard(
     id: usize,
     shared: Arc<Shared>,
     listener: TcpListener,
-    peers: Vec<Option<SharedSender<Handoff>>>,
-    inboxes: Vec<SharedReceiver<Handoff>>,
+    links: Rc<Links>,
+    inbox: mpsc::Receiver<Handoff>,
     mut invalidations: mpsc::UnboundedReceiver<Invalidation>,
     stop: oneshot::Receiver<()>,
 ) {
@@ -190,27 +181,14 @@ async fn run_shard(
         },
         queue,
     );
-    // Receivers first, then senders: connecting a sender waits for its peer.
-    let ready = Rc::new(std::cell::OnceCell::new());
-    let mut handoffs = Vec::new();
-    for inbox in inboxes {
-        match glommio::spawn_local_into(
-            handoff::receive(inbox, ctx.clone(), ready.clone(), queue),
-            queue,
-        ) {
-            Ok(t) => handoffs.push(t),
-            Err(e) => {
-                log::error!("shard {id}: cannot spawn a handoff receiver: {e}");
-                return;
-            }
-        }
-    }
-    let Ok(invalidation) = invalidation else {
+    let handoffs = glommio::spawn_local_into(
+        handoff::receive(inbox, ctx.clone(), links.clone(), queue),
+        queue,
+    );
+    let (Ok(invalidation), Ok(handoffs)) = (invalidation, handoffs) else {
         log::error!("shard {id}: cannot spawn its service tasks");
         return;
     };
-    let links = Links::connect(peers).await;
-    let _ = ready.set(links.clone());
     let accept =
         match glommio::spawn_local_into(accept_loop(listener, ctx.clone(), links, queue), queue) {
             Ok(task) => task,
