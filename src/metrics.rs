@@ -65,6 +65,7 @@ pub struct ShardMetrics {
     pub connections_open: Gauge,
     pub connections_accepted: Counter,
     pub connections_refused: Counter,
+    pub accept_retries: Counter,
     pub bytes_in: Counter,
     pub bytes_out: Counter,
     pub cross_shard_messages: Counter,
@@ -88,6 +89,7 @@ impl ShardMetrics {
             connections_open: Gauge::default(),
             connections_accepted: Counter::default(),
             connections_refused: Counter::default(),
+            accept_retries: Counter::default(),
             bytes_in: Counter::default(),
             bytes_out: Counter::default(),
             cross_shard_messages: Counter::default(),
@@ -148,7 +150,7 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
         }
     }
     type Read = fn(&ShardMetrics) -> i64;
-    let simple: [(&str, &str, &str, Read); 6] = [
+    let simple: [(&str, &str, &str, Read); 7] = [
         (
             "triggers_connections_open",
             "gauge",
@@ -166,6 +168,12 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
             "counter",
             "Connections closed at once because the shard was at its connection limit.",
             |m| m.connections_refused.get() as i64,
+        ),
+        (
+            "triggers_accept_retries_total",
+            "counter",
+            "Accepts re-issued after staying in flight for 200 ms (an idle listener, or a lost io_uring accept).",
+            |m| m.accept_retries.get() as i64,
         ),
         (
             "triggers_bytes_in_total",

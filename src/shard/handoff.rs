@@ -8,7 +8,7 @@
 use super::conn;
 use crate::api::ShardCtx;
 use crate::http::Request;
-use futures::channel::mpsc;
+use futures::channel::{mpsc, oneshot};
 use futures::StreamExt;
 use glommio::net::TcpStream;
 use glommio::TaskQueueHandle;
@@ -23,6 +23,8 @@ pub struct Handoff {
     pub request: Request,
     pub leftover: Vec<u8>,
     pub peer: Option<IpAddr>,
+    /// Dropped by the owner shard when it is done with the connection.
+    pub done: oneshot::Sender<()>,
 }
 
 /// The senders to every shard's handoff inbox, owned by one shard.
@@ -61,6 +63,7 @@ pub async fn receive(
             request: h.request,
             leftover: h.leftover,
             peer: h.peer,
+            done: h.done,
         };
         match glommio::spawn_local_into(
             conn::serve(stream, ctx.clone(), links.clone(), Some(handed)),

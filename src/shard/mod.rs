@@ -63,6 +63,9 @@ pub fn reuseport_listener(addr: SocketAddr, backlog: u32) -> std::io::Result<soc
     Ok(s)
 }
 
+/// How long one accept may stay in flight before it is issued again.
+const ACCEPT_RETRY: Duration = Duration::from_millis(200);
+
 /// Connection handoffs waiting for one shard.
 const HANDOFF_QUEUE: usize = 1024;
 
@@ -224,7 +227,22 @@ async fn accept_loop(
 ) {
     let limit = ctx.shared.config.http.max_connections_per_shard;
     loop {
-        match listener.accept().await {
+        // An accept that has not completed within ACCEPT_RETRY is dropped and
+        // issued again (glommio first tries a non-blocking accept). Under
+        // connection churn on this machine (kernel 6.x, glommio 0.9) a shard's
+        // io_uring ACCEPT was seen to vanish without a completion, leaving the
+        // shard deaf while its listen queue filled; `tests/shards.rs` drives
+        // that load. Re-issuing bounds such a stall to ACCEPT_RETRY.
+        let accepted =
+            glommio::timer::timeout(ACCEPT_RETRY, async { Ok(listener.accept().await) }).await;
+        let accepted = match accepted {
+            Ok(result) => result,
+            Err(_) => {
+                ctx.metrics.accept_retries.inc();
+                continue;
+            }
+        };
+        match accepted {
             Ok(stream) => {
                 let at_limit = ctx.connections.get() >= limit;
                 let task = if at_limit {
