@@ -68,6 +68,11 @@ pub struct HttpConfig {
     pub listen_backlog: u32,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace_ms: u64,
+    /// After answering, poll the socket this long (µs) before parking the
+    /// connection on io_uring, when the shard has at most
+    /// `busy_poll_max_connections` connections. 0 turns it off.
+    pub busy_poll_us: u64,
+    pub busy_poll_max_connections: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -187,6 +192,8 @@ impl Default for HttpConfig {
             max_connections_per_shard: 10_000,
             listen_backlog: 1024,
             shutdown_grace_ms: 5_000,
+            busy_poll_us: 50,
+            busy_poll_max_connections: 4,
         }
     }
 }

@@ -234,3 +234,43 @@ fn connection_limit_per_shard() {
         .unwrap_or(0);
     assert!(refused >= 1, "{metrics}");
 }
+
+#[test]
+fn deadline_holds_while_busy_polling() {
+    // A long busy-poll budget catches every byte of a dripping client; the
+    // request deadline must still end the request with 408.
+    let db = fresh_database();
+    let s = TestServer::start(
+        Some(&db),
+        &[
+            "cores.shards=[0]",
+            "http.request_timeout_ms=500",
+            "http.busy_poll_us=200000",
+        ],
+    );
+    let mut c = connect(s.port);
+    let start = Instant::now();
+    c.write_all(b"GET /health HTTP/1.1\r\n").expect("write");
+    let mut answered = false;
+    for _ in 0..300 {
+        if c.write_all(b"X: y\r\n").is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+        c.set_nonblocking(true).expect("nonblocking");
+        let mut probe = [0u8; 1];
+        let ready = std::io::Read::read(&mut c, &mut probe).is_ok();
+        c.set_nonblocking(false).expect("blocking");
+        if ready {
+            answered = true;
+            break;
+        }
+    }
+    assert!(answered, "no answer to a request that never completes");
+    assert!(
+        start.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(s.get("/health").status, 200);
+}
