@@ -85,6 +85,10 @@ pub struct IngestConfig {
     pub max_payload_bytes: usize,
     pub ring_capacity: usize,
     pub max_batch: usize,
+    /// Transactions the persistence core keeps in flight: each writer has its
+    /// own PostgreSQL connection and takes the next batch while the others
+    /// wait for their commits, so fsyncs overlap (PostgreSQL group commit).
+    pub writers: usize,
     /// How long the persistence core retries a batch before answering 503
     /// for it. Shards wait for an answer at least a second longer.
     pub commit_timeout_ms: u64,
@@ -207,6 +211,7 @@ impl Default for IngestConfig {
             max_payload_bytes: 256 * 1024,
             ring_capacity: 16 * 1024,
             max_batch: 1024,
+            writers: 1,
             commit_timeout_ms: 5_000,
         }
     }
@@ -347,7 +352,7 @@ impl Config {
                 "expected durable or memory",
             ));
         }
-        let positive: [(&str, u64); 22] = [
+        let positive: [(&str, u64); 23] = [
             ("http.max_header_bytes", self.http.max_header_bytes as u64),
             ("http.request_timeout_ms", self.http.request_timeout_ms),
             ("http.idle_timeout_ms", self.http.idle_timeout_ms),
@@ -367,6 +372,7 @@ impl Config {
             ),
             ("ingest.ring_capacity", self.ingest.ring_capacity as u64),
             ("ingest.max_batch", self.ingest.max_batch as u64),
+            ("ingest.writers", self.ingest.writers as u64),
             ("database.query_workers", self.database.query_workers as u64),
             ("database.query_queue", self.database.query_queue as u64),
             (

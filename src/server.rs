@@ -190,6 +190,7 @@ pub fn serve(config: Config, plan: CorePlan) -> Result<(), ServeError> {
         shards: plan.shards.len(),
         ring_capacity: config.ingest.ring_capacity,
         max_batch: config.ingest.max_batch,
+        writers: config.ingest.writers,
         commit_timeout: Duration::from_millis(config.ingest.commit_timeout_ms),
         core: plan.pin.then_some(plan.persistence),
     });

@@ -232,11 +232,20 @@ fn another_organizations_event_is_not_found() {
 
 #[test]
 fn concurrent_ingest_every_202_is_committed() {
+    concurrent_ingest(&[]);
+}
+
+#[test]
+fn concurrent_ingest_with_three_writers() {
+    // Batches of different writers commit concurrently and in any order.
+    concurrent_ingest(&["ingest.writers=3"]);
+}
+
+fn concurrent_ingest(extra: &[&str]) {
     let db = fresh_database();
-    let s = TestServer::start(
-        Some(&db),
-        &settings(&["cores.shards=[0, 1]", "limits.enterprise=1000000"]),
-    );
+    let mut cfg = settings(&["cores.shards=[0, 1]", "limits.enterprise=1000000"]);
+    cfg.extend_from_slice(extra);
+    let s = TestServer::start(Some(&db), &cfg);
     let key = generate_key(s.port, "Busy", "enterprise")["api_key"]
         .as_str()
         .expect("key")

@@ -238,8 +238,8 @@ fn enqueue(
     idempotency: Option<(String, Vec<u8>)>,
 ) -> Handled {
     let cfg = &ctx.shared.config.ingest;
-    let id = uuid::Uuid::now_v7();
     let created_at = crate::time::now_micros();
+    let id = ctx.ids.borrow_mut().next(created_at.max(0) as u64 / 1000);
     let (done, committed) = oneshot::channel();
     let answer = json!({
         "id": id,
@@ -379,7 +379,7 @@ pub fn create_batch(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handl
         };
         match checked {
             Ok(e) => {
-                let id = uuid::Uuid::now_v7();
+                let id = ctx.ids.borrow_mut().next(created_at.max(0) as u64 / 1000);
                 results.push(json!({"index": index, "id": id, "status": "accepted"}));
                 types.push(e.event_type.clone());
                 slots.push((results.len() - 1, e.dedup_id.clone()));

@@ -72,6 +72,8 @@ pub struct ShardCtx {
     pub inbox_waiters: inbox::InboxWaiters,
     /// (organization, Idempotency-Key) of requests being handled now.
     pub idempotency_in_flight: std::cell::RefCell<std::collections::HashSet<(uuid::Uuid, String)>>,
+    /// Mints the ids of events accepted here.
+    pub ids: std::cell::RefCell<crate::ids::IdMint>,
     origin: Instant,
     request_prefix: u64,
     request_seq: Cell<u64>,
@@ -93,6 +95,7 @@ impl ShardCtx {
             hooks,
             inbox_waiters: inbox::InboxWaiters::new(INBOX_WAITERS),
             idempotency_in_flight: Default::default(),
+            ids: Default::default(),
             origin: Instant::now(),
             request_prefix: random,
             request_seq: Cell::new(0),

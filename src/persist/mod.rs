@@ -1,10 +1,15 @@
-//! The persistence core: one OS thread, pinned to its core, with its own
-//! PostgreSQL connection. Each shard hands it events through its own bounded
-//! ring (a full ring is a 503 at the shard, never a wait). The core drains
-//! every ring into one batch, writes the batch with `COPY` in one
-//! transaction, commits, and only then completes every waiting request of
-//! the batch: natural group commit, no linger. While one commit is in flight
-//! the next batch fills.
+//! The persistence core: `ingest.writers` OS threads on the persistence core,
+//! each with its own PostgreSQL connection. Each shard hands events through
+//! its own bounded ring (a full ring is a 503 at the shard, never a wait).
+//! A free writer drains every ring into one batch, writes the batch with
+//! `COPY` in one transaction, commits, and only then completes every waiting
+//! request of the batch: natural group commit, no linger. While one writer
+//! waits for its commit's fsync, another takes the next batch, so commits
+//! overlap and PostgreSQL flushes their WAL together.
+//!
+//! Batches of different writers commit in any order. Event ids are minted on
+//! the shards, so ids and commit order were never the same thing; the
+//! inbox's "undelivered" view does not depend on it.
 //!
 //! When PostgreSQL fails the batch is retried until `ingest.commit_timeout_ms`
 //! has passed since its oldest event was queued; then every request of the
@@ -110,7 +115,7 @@ impl Ring {
 pub struct PersistenceCore {
     pub rings: Vec<Ring>,
     pub stats: Arc<PersistStats>,
-    handle: Option<JoinHandle<()>>,
+    writers: Vec<JoinHandle<()>>,
 }
 
 pub struct Settings {
@@ -118,6 +123,7 @@ pub struct Settings {
     pub shards: usize,
     pub ring_capacity: usize,
     pub max_batch: usize,
+    pub writers: usize,
     pub commit_timeout: Duration,
     pub core: Option<usize>,
 }
@@ -129,27 +135,35 @@ impl PersistenceCore {
             .unzip();
         let stats = Arc::new(PersistStats::default());
         stats.healthy.store(true, Ordering::Relaxed);
-        let st = stats.clone();
-        let handle = std::thread::Builder::new()
-            .name("persistence".into())
-            .spawn(move || {
-                if let Some(core) = s.core {
-                    crate::topology::pin_current_thread(core, true);
-                }
-                run(rxs, s.db, s.max_batch, s.commit_timeout, &st);
+        debug_assert!(s.writers >= 1);
+        let writers = (0..s.writers.max(1))
+            .map(|i| {
+                let st = stats.clone();
+                let rxs = rxs.clone();
+                let db = s.db.clone();
+                let (max_batch, commit_timeout, core) = (s.max_batch, s.commit_timeout, s.core);
+                std::thread::Builder::new()
+                    .name(format!("persist-{i}"))
+                    .spawn(move || {
+                        if let Some(core) = core {
+                            crate::topology::pin_current_thread(core, true);
+                        }
+                        run(rxs, db, max_batch, commit_timeout, &st);
+                    })
+                    .expect("spawn a persistence writer thread")
             })
-            .expect("spawn the persistence thread");
+            .collect();
         PersistenceCore {
             rings: txs.into_iter().map(|tx| Ring { tx }).collect(),
             stats,
-            handle: Some(handle),
+            writers,
         }
     }
 
     /// Stops after the rings drain (every queued event is committed or answered).
     pub fn stop(mut self) {
         self.rings.clear();
-        if let Some(h) = self.handle.take() {
+        for h in self.writers.drain(..) {
             let _ = h.join();
         }
     }
@@ -162,7 +176,7 @@ fn run(
     commit_timeout: Duration,
     stats: &PersistStats,
 ) {
-    let mut client: Option<postgres::Client> = None;
+    let mut client: Option<Conn> = None;
     let mut batch: Vec<IngestItem> = Vec::with_capacity(max_batch);
     let mut copy = Vec::with_capacity(max_batch * 256);
     let mut open = rxs.len();
@@ -224,7 +238,7 @@ fn run(
 }
 
 fn commit(
-    client: &mut Option<postgres::Client>,
+    client: &mut Option<Conn>,
     db: &DbSettings,
     batch: &mut Vec<IngestItem>,
     copy: &mut Vec<u8>,
@@ -314,6 +328,13 @@ fn claim_dedup_ids(
     if first.is_empty() {
         return Ok(dups);
     }
+    // Claim in one order in every transaction: two writers inserting the same
+    // keys in opposite orders would deadlock.
+    let mut order: Vec<usize> = (0..orgs.len()).collect();
+    order.sort_by(|&a, &b| (orgs[a], &keys[a]).cmp(&(orgs[b], &keys[b])));
+    let orgs: Vec<uuid::Uuid> = order.iter().map(|&i| orgs[i]).collect();
+    let keys: Vec<String> = order.iter().map(|&i| keys[i].clone()).collect();
+    let ids: Vec<uuid::Uuid> = order.iter().map(|&i| ids[i]).collect();
     let claimed: std::collections::HashSet<(uuid::Uuid, String)> = tx
         .query(
             "INSERT INTO event_dedup (organization_id, dedup_id, event_id, expires_at)
@@ -365,16 +386,75 @@ fn claim_dedup_ids(
     Ok(dups)
 }
 
+/// A writer's PostgreSQL connection and its prepared statements.
+struct Conn {
+    client: postgres::Client,
+    /// The common batch: no `dedup_id`, no `Idempotency-Key`. One statement,
+    /// committed on its own: one round trip and one WAL flush per batch.
+    insert: postgres::Statement,
+}
+
+const INSERT_EVENTS: &str = "INSERT INTO events
+        (organization_id, id, type, source, payload, metadata, status, created_at, updated_at)
+    SELECT o, i, t, s, p::jsonb, m::jsonb, 'pending', c, c
+      FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[],
+                  $7::timestamptz[]) AS u(o, i, t, s, p, m, c)";
+
+impl Conn {
+    fn open(db: &DbSettings) -> Result<Conn, String> {
+        let mut client = db.connect().map_err(|e| e.to_string())?;
+        let insert = client.prepare(INSERT_EVENTS).map_err(|e| e.to_string())?;
+        Ok(Conn { client, insert })
+    }
+
+    /// Inserts the batch in one autocommitted statement.
+    fn insert_plain(&mut self, batch: &[IngestItem]) -> Result<(), postgres::Error> {
+        let n: usize = batch.iter().map(|i| i.rows.len()).sum();
+        let mut orgs = Vec::with_capacity(n);
+        let mut ids = Vec::with_capacity(n);
+        let mut types = Vec::with_capacity(n);
+        let mut sources = Vec::with_capacity(n);
+        let mut payloads = Vec::with_capacity(n);
+        let mut metadata = Vec::with_capacity(n);
+        let mut created = Vec::with_capacity(n);
+        for row in batch.iter().flat_map(|i| &i.rows) {
+            orgs.push(row.organization_id);
+            ids.push(row.id);
+            types.push(row.event_type.as_str());
+            sources.push(row.source.as_deref());
+            payloads.push(row.payload.as_str());
+            metadata.push(row.metadata.as_deref());
+            created
+                .push(std::time::UNIX_EPOCH + Duration::from_micros(row.created_at.max(0) as u64));
+        }
+        self.client.execute(
+            &self.insert,
+            &[
+                &orgs, &ids, &types, &sources, &payloads, &metadata, &created,
+            ],
+        )?;
+        Ok(())
+    }
+}
+
 fn write_batch(
-    client: &mut Option<postgres::Client>,
+    client: &mut Option<Conn>,
     db: &DbSettings,
     batch: &[IngestItem],
     copy: &mut Vec<u8>,
 ) -> Result<Vec<Vec<Option<uuid::Uuid>>>, String> {
-    if client.as_ref().is_none_or(|c| c.is_closed()) {
-        *client = Some(db.connect().map_err(|e| e.to_string())?);
+    if client.as_ref().is_none_or(|c| c.client.is_closed()) {
+        *client = Some(Conn::open(db)?);
     }
-    let c = client.as_mut().ok_or("no connection")?;
+    let conn = client.as_mut().ok_or("no connection")?;
+    let plain = batch
+        .iter()
+        .all(|i| i.idempotency.is_none() && i.rows.iter().all(|r| r.dedup_id.is_none()));
+    if plain {
+        conn.insert_plain(batch).map_err(|e| e.to_string())?;
+        return Ok(batch.iter().map(|i| vec![None; i.rows.len()]).collect());
+    }
+    let c = &mut conn.client;
     let mut tx = c.transaction().map_err(|e| e.to_string())?;
     let dups = claim_dedup_ids(&mut tx, batch).map_err(|e| e.to_string())?;
     copy.clear();
