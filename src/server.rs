@@ -185,7 +185,7 @@ pub fn serve(config: Config, plan: CorePlan) -> Result<(), ServeError> {
     let listener_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let listener =
         crate::auth::invalidation::start(settings.clone(), invalidation_tx, listener_stop.clone());
-    let persistence = crate::persist::PersistenceCore::start(crate::persist::Settings {
+    let mut persistence = crate::persist::PersistenceCore::start(crate::persist::Settings {
         db: settings.clone(),
         shards: plan.shards.len(),
         ring_capacity: config.ingest.ring_capacity,
@@ -214,7 +214,12 @@ pub fn serve(config: Config, plan: CorePlan) -> Result<(), ServeError> {
         persist_stats: persistence.stats.clone(),
         metrics,
     });
-    let shards = shard::start(shared.clone(), addr, invalidation_rx)?;
+    let completions = persistence
+        .completions
+        .iter_mut()
+        .map(|c| c.take().expect("each shard's completions are taken once"))
+        .collect();
+    let shards = shard::start(shared.clone(), addr, invalidation_rx, completions)?;
     log::info!(
         "ready: listening on http://{addr} with {} shard(s)",
         shared.plan.shards.len()

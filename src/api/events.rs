@@ -268,6 +268,7 @@ fn enqueue(
             created_at,
         }],
         queued: Instant::now(),
+        shard: ctx.id,
         done: Some(done),
     };
     match ctx.shared.rings[ctx.id].try_push(item) {
@@ -418,6 +419,7 @@ pub fn create_batch(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handl
         rows,
         idempotency: None,
         queued: Instant::now(),
+        shard: ctx.id,
         done: Some(done),
     };
     match ctx.shared.rings[ctx.id].try_push(item) {

@@ -19,7 +19,7 @@
 
 use crate::store::DbSettings;
 use crossbeam_channel::{Receiver, Select, Sender, TrySendError};
-use futures::channel::oneshot;
+use futures::channel::{mpsc, oneshot};
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -32,10 +32,12 @@ pub struct IngestItem {
     /// Stored in the same transaction when the rows are (not for duplicates).
     pub idempotency: Option<IdempotencyRecord>,
     pub queued: Instant,
+    /// The shard whose ring carried the item (set by [`Ring::try_push`]).
+    pub shard: usize,
     /// Completed after the commit (or the decision not to commit): for each
     /// row, `None` when stored, or the id of the event it duplicates
     /// (`dedup_id` seen in the organization within 24 h; not stored).
-    pub done: Option<oneshot::Sender<Result<Vec<Option<uuid::Uuid>>, Unavailable>>>,
+    pub done: Option<oneshot::Sender<Outcome>>,
 }
 
 /// The `Idempotency-Key` record of a request and the 2xx answer to replay.
@@ -78,10 +80,18 @@ pub struct PersistStats {
     pub healthy: AtomicBool,
 }
 
+/// What a request waiting for its commit receives.
+pub type Outcome = Result<Vec<Option<uuid::Uuid>>, Unavailable>;
+
+/// The answers for one shard from one batch, sent as one message: the shard
+/// is woken once per batch, not once per request.
+pub type Completions = Vec<(oneshot::Sender<Outcome>, Outcome)>;
+
 /// A shard's end of its ring.
 #[derive(Clone)]
 pub struct Ring {
     tx: Sender<IngestItem>,
+    shard: usize,
 }
 
 pub enum Enqueue {
@@ -91,7 +101,8 @@ pub enum Enqueue {
 }
 
 impl Ring {
-    pub fn try_push(&self, item: IngestItem) -> Enqueue {
+    pub fn try_push(&self, mut item: IngestItem) -> Enqueue {
+        item.shard = self.shard;
         match self.tx.try_send(item) {
             Ok(()) => Enqueue::Queued,
             Err(TrySendError::Full(i)) => Enqueue::Full(i),
@@ -114,6 +125,8 @@ impl Ring {
 
 pub struct PersistenceCore {
     pub rings: Vec<Ring>,
+    /// Each shard's stream of completed requests; the shard takes its own.
+    pub completions: Vec<Option<mpsc::UnboundedReceiver<Completions>>>,
     pub stats: Arc<PersistStats>,
     writers: Vec<JoinHandle<()>>,
 }
@@ -133,6 +146,9 @@ impl PersistenceCore {
         let (txs, rxs): (Vec<_>, Vec<_>) = (0..s.shards)
             .map(|_| crossbeam_channel::bounded::<IngestItem>(s.ring_capacity))
             .unzip();
+        let (done_txs, done_rxs): (Vec<_>, Vec<_>) = (0..s.shards)
+            .map(|_| mpsc::unbounded::<Completions>())
+            .unzip();
         let stats = Arc::new(PersistStats::default());
         stats.healthy.store(true, Ordering::Relaxed);
         debug_assert!(s.writers >= 1);
@@ -140,6 +156,7 @@ impl PersistenceCore {
             .map(|i| {
                 let st = stats.clone();
                 let rxs = rxs.clone();
+                let done_txs = done_txs.clone();
                 let db = s.db.clone();
                 let (max_batch, commit_timeout, core) = (s.max_batch, s.commit_timeout, s.core);
                 std::thread::Builder::new()
@@ -148,13 +165,18 @@ impl PersistenceCore {
                         if let Some(core) = core {
                             crate::topology::pin_current_thread(core, true);
                         }
-                        run(rxs, db, max_batch, commit_timeout, &st);
+                        run(rxs, &done_txs, db, max_batch, commit_timeout, &st);
                     })
                     .expect("spawn a persistence writer thread")
             })
             .collect();
         PersistenceCore {
-            rings: txs.into_iter().map(|tx| Ring { tx }).collect(),
+            rings: txs
+                .into_iter()
+                .enumerate()
+                .map(|(shard, tx)| Ring { tx, shard })
+                .collect(),
+            completions: done_rxs.into_iter().map(Some).collect(),
             stats,
             writers,
         }
@@ -171,6 +193,7 @@ impl PersistenceCore {
 
 fn run(
     rxs: Vec<Receiver<IngestItem>>,
+    done: &[mpsc::UnboundedSender<Completions>],
     db: DbSettings,
     max_batch: usize,
     commit_timeout: Duration,
@@ -233,6 +256,7 @@ fn run(
             &mut copy,
             commit_timeout,
             stats,
+            done,
         );
     }
 }
@@ -244,6 +268,7 @@ fn commit(
     copy: &mut Vec<u8>,
     commit_timeout: Duration,
     stats: &PersistStats,
+    done: &[mpsc::UnboundedSender<Completions>],
 ) {
     let rows: u64 = batch.iter().map(|i| i.rows.len() as u64).sum();
     let oldest = batch
@@ -280,20 +305,48 @@ fn commit(
             }
         }
     };
+    let mut per_shard: Vec<Completions> = done.iter().map(|_| Vec::new()).collect();
+    let mut answer = |item: &mut IngestItem, o: Outcome| {
+        if let Some(tx) = item.done.take() {
+            match per_shard.get_mut(item.shard) {
+                Some(list) => list.push((tx, o)),
+                None => {
+                    let _ = tx.send(o);
+                }
+            }
+        }
+    };
     match outcome {
         Ok(dups) => {
             for (mut item, d) in batch.drain(..).zip(dups) {
-                if let Some(done) = item.done.take() {
-                    let _ = done.send(Ok(d));
-                }
+                answer(&mut item, Ok(d));
             }
         }
         Err(u) => {
             for mut item in batch.drain(..) {
-                if let Some(done) = item.done.take() {
-                    let _ = done.send(Err(u));
-                }
+                answer(&mut item, Err(u));
             }
+        }
+    }
+    for (shard, list) in per_shard.into_iter().enumerate() {
+        if list.is_empty() {
+            continue;
+        }
+        if let Err(e) = done[shard].unbounded_send(list) {
+            // The shard is gone (shutdown): answer directly, nobody waits.
+            for (tx, o) in e.into_inner() {
+                let _ = tx.send(o);
+            }
+        }
+    }
+}
+
+/// Completes, on the shard, every request of the batches the writers send it.
+pub async fn complete(mut batches: mpsc::UnboundedReceiver<Completions>) {
+    use futures::StreamExt;
+    while let Some(list) = batches.next().await {
+        for (tx, o) in list {
+            let _ = tx.send(o);
         }
     }
 }

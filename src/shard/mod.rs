@@ -83,6 +83,7 @@ pub fn start(
     shared: Arc<Shared>,
     addr: SocketAddr,
     invalidations: Vec<mpsc::UnboundedReceiver<Invalidation>>,
+    completions: Vec<mpsc::UnboundedReceiver<crate::persist::Completions>>,
 ) -> Result<ShardSet, ShardError> {
     let cfg = &shared.config;
     let mut shards = Vec::new();
@@ -92,9 +93,9 @@ pub fn start(
         .iter()
         .map(|_| mpsc::channel::<Handoff>(HANDOFF_QUEUE))
         .unzip();
-    let mut inboxes = handoff_rx.into_iter().zip(invalidations);
+    let mut inboxes = handoff_rx.into_iter().zip(invalidations).zip(completions);
     for (id, &core) in shared.plan.shards.iter().enumerate() {
-        let Some((inbox, invalidations)) = inboxes.next() else {
+        let Some(((inbox, invalidations), completions)) = inboxes.next() else {
             break;
         };
         let peers = handoff_tx.clone();
@@ -115,16 +116,12 @@ pub fn start(
                 // SAFETY: `fd` is a listening socket we own; nothing else uses it.
                 let listener = unsafe { TcpListener::from_raw_fd(fd) };
                 let links = Links::new(peers);
-                run_shard(
-                    id,
-                    shard_shared,
-                    listener,
-                    links,
-                    inbox,
+                let mail = Mail {
+                    handoffs: inbox,
                     invalidations,
-                    stop_rx,
-                )
-                .await
+                    completions,
+                };
+                run_shard(id, shard_shared, listener, links, mail, stop_rx).await
             })
             .map_err(|e| ShardError::Start {
                 shard: id,
@@ -152,15 +149,29 @@ impl ShardSet {
     }
 }
 
+/// What other threads send one shard.
+struct Mail {
+    /// Connections handed over by other shards.
+    handoffs: mpsc::Receiver<Handoff>,
+    /// Key invalidations from the LISTEN/NOTIFY thread.
+    invalidations: mpsc::UnboundedReceiver<Invalidation>,
+    /// Committed (or failed) ingests from the persistence writers.
+    completions: mpsc::UnboundedReceiver<crate::persist::Completions>,
+}
+
 async fn run_shard(
     id: usize,
     shared: Arc<Shared>,
     listener: TcpListener,
     links: Rc<Links>,
-    inbox: mpsc::Receiver<Handoff>,
-    mut invalidations: mpsc::UnboundedReceiver<Invalidation>,
+    mail: Mail,
     stop: oneshot::Receiver<()>,
 ) {
+    let Mail {
+        handoffs: inbox,
+        mut invalidations,
+        completions,
+    } = mail;
     let grace = Duration::from_millis(shared.config.http.shutdown_grace_ms);
     let hooks = EngineHooks {
         sleep: glommio_sleep,
@@ -188,6 +199,17 @@ async fn run_shard(
         handoff::receive(inbox, ctx.clone(), links.clone(), queue),
         queue,
     );
+    // Commits reach waiting requests through this task: one wake per batch.
+    // It runs until the executor ends, so draining requests still complete.
+    match glommio::spawn_local_into(crate::persist::complete(completions), queue) {
+        Ok(task) => {
+            task.detach();
+        }
+        Err(e) => {
+            log::error!("shard {id}: cannot spawn the commit completion task: {e}");
+            return;
+        }
+    }
     let (Ok(invalidation), Ok(handoffs)) = (invalidation, handoffs) else {
         log::error!("shard {id}: cannot spawn its service tasks");
         return;
