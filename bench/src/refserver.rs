@@ -1,6 +1,7 @@
 //! The reference server for benchmarks: a do-nothing `may_minihttp` server
 //! (TechEmpower's fastest Rust entry) answering every request with the same
-//! small JSON body that `GET /health` returns. Run it on the same cores as
+//! small JSON body that `GET /health` returns (a request body is read and
+//! discarded). Run it on the same cores as
 //! Triggers in the same run, so throughput can be reported as a ratio.
 //!
 //! Usage: `refserver [ADDR] [WORKERS]` (default 127.0.0.1:8090, 1 worker).
@@ -12,7 +13,9 @@ use std::io;
 struct Healthy;
 
 impl HttpService for Healthy {
-    fn call(&mut self, _req: Request, rsp: &mut Response) -> io::Result<()> {
+    fn call(&mut self, req: Request, rsp: &mut Response) -> io::Result<()> {
+        // Consume any body (POST benchmarks), as a real handler would.
+        io::copy(&mut req.body(), &mut io::sink())?;
         rsp.header("Content-Type: application/json");
         rsp.body(r#"{"status":"healthy"}"#);
         Ok(())
