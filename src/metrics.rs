@@ -113,6 +113,55 @@ impl ShardMetrics {
     }
 }
 
+/// A fixed-bucket histogram one thread writes and scrapes read (relaxed
+/// atomics: a scrape may see a sample in `count` a moment before `sum`).
+pub struct Histogram {
+    /// Upper bounds of the buckets, ascending; one more bucket holds the rest.
+    bounds: &'static [u64],
+    counts: Vec<AtomicU64>,
+    sum: AtomicU64,
+}
+
+impl Histogram {
+    pub fn new(bounds: &'static [u64]) -> Histogram {
+        debug_assert!(bounds.windows(2).all(|w| w[0] < w[1]));
+        Histogram {
+            bounds,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, v: u64) {
+        let i = self.bounds.partition_point(|&b| b < v);
+        self.counts[i].fetch_add(1, Relaxed);
+        self.sum.fetch_add(v, Relaxed);
+    }
+
+    /// Prometheus text; values are divided by `scale` (1e6 for microseconds → seconds).
+    pub fn render(&self, out: &mut String, name: &str, help: &str, scale: f64) {
+        family(out, name, "histogram", help);
+        let mut cumulative = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            cumulative += c.load(Relaxed);
+            match self.bounds.get(i) {
+                Some(&b) => {
+                    let _ = writeln!(
+                        out,
+                        "{name}_bucket{{le=\"{}\"}} {cumulative}",
+                        b as f64 / scale
+                    );
+                }
+                None => {
+                    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+                }
+            }
+        }
+        let _ = writeln!(out, "{name}_sum {}", self.sum.load(Relaxed) as f64 / scale);
+        let _ = writeln!(out, "{name}_count {cumulative}");
+    }
+}
+
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
@@ -307,6 +356,18 @@ pub fn render_persistence(
         family(out, name, kind, help);
         let _ = writeln!(out, "{name} {v}");
     }
+    stats.commit_latency.render(
+        out,
+        "triggers_commit_duration_seconds",
+        "Time to write and commit one batch.",
+        1e6,
+    );
+    stats.batch_events.render(
+        out,
+        "triggers_commit_batch_events",
+        "Events per committed batch.",
+        1.0,
+    );
     family(
         out,
         "triggers_ring_events",
@@ -337,6 +398,22 @@ pub fn render_persistence(
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        static BOUNDS: &[u64] = &[10, 100];
+        let h = Histogram::new(BOUNDS);
+        for v in [1, 10, 11, 100, 1000] {
+            h.observe(v);
+        }
+        let mut out = String::new();
+        h.render(&mut out, "x", "help", 1.0);
+        assert!(out.contains("x_bucket{le=\"10\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"100\"} 4\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"+Inf\"} 5\n"), "{out}");
+        assert!(out.contains("x_sum 1122\n"), "{out}");
+        assert!(out.contains("x_count 5\n"), "{out}");
+    }
 
     #[test]
     fn renders_labelled_series() {

@@ -298,6 +298,15 @@ fn concurrent_ingest(extra: &[&str]) {
         metrics.contains("triggers_events_committed_total 800\n"),
         "{metrics}"
     );
+    // Every committed event sits in exactly one batch of the histogram.
+    assert!(
+        metrics.contains("triggers_commit_batch_events_sum 800\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("triggers_commit_duration_seconds_bucket{le=\"+Inf\"}"),
+        "{metrics}"
+    );
     assert!(
         metrics.contains("triggers_ring_events{shard=\"1\"} 0"),
         "{metrics}"

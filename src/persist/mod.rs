@@ -67,9 +67,17 @@ pub struct EventRow {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Unavailable;
 
-/// Counters the persistence thread writes and scrapes read.
-#[derive(Default)]
+/// Commit latency buckets, microseconds.
+const COMMIT_MICROS: &[u64] = &[
+    250, 500, 1_000, 2_000, 5_000, 10_000, 25_000, 100_000, 1_000_000,
+];
+/// Batch size buckets, events.
+const BATCH_EVENTS: &[u64] = &[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024];
+
+/// Counters the persistence writers write and scrapes read.
 pub struct PersistStats {
+    pub commit_latency: crate::metrics::Histogram,
+    pub batch_events: crate::metrics::Histogram,
     pub events_committed: AtomicU64,
     pub batches_committed: AtomicU64,
     pub commit_micros_total: AtomicU64,
@@ -78,6 +86,22 @@ pub struct PersistStats {
     pub commit_errors: AtomicU64,
     /// False while the database refuses writes.
     pub healthy: AtomicBool,
+}
+
+impl Default for PersistStats {
+    fn default() -> Self {
+        PersistStats {
+            commit_latency: crate::metrics::Histogram::new(COMMIT_MICROS),
+            batch_events: crate::metrics::Histogram::new(BATCH_EVENTS),
+            events_committed: AtomicU64::default(),
+            batches_committed: AtomicU64::default(),
+            commit_micros_total: AtomicU64::default(),
+            last_batch_size: AtomicU64::default(),
+            events_failed: AtomicU64::default(),
+            commit_errors: AtomicU64::default(),
+            healthy: AtomicBool::default(),
+        }
+    }
 }
 
 /// What a request waiting for its commit receives.
@@ -282,9 +306,12 @@ fn commit(
         match write_batch(client, db, batch, copy) {
             Ok(dups) => {
                 stats.healthy.store(true, Ordering::Relaxed);
+                let micros = started.elapsed().as_micros() as u64;
                 stats
                     .commit_micros_total
-                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    .fetch_add(micros, Ordering::Relaxed);
+                stats.commit_latency.observe(micros);
+                stats.batch_events.observe(rows);
                 stats.batches_committed.fetch_add(1, Ordering::Relaxed);
                 stats.events_committed.fetch_add(rows, Ordering::Relaxed);
                 stats.last_batch_size.store(rows, Ordering::Relaxed);
