@@ -69,8 +69,11 @@ pub struct ShardMetrics {
     pub bytes_in: Counter,
     pub bytes_out: Counter,
     pub cross_shard_messages: Counter,
+    pub handoffs: Counter,
     pub auth_cache_hits: Counter,
     pub auth_cache_misses: Counter,
+    pub lease_hits: Counter,
+    pub leases_granted: Counter,
     pub auth_verifications: Counter,
     pub auth_failures: Counter,
     pub auth_throttled: Counter,
@@ -93,8 +96,11 @@ impl ShardMetrics {
             bytes_in: Counter::default(),
             bytes_out: Counter::default(),
             cross_shard_messages: Counter::default(),
+            handoffs: Counter::default(),
             auth_cache_hits: Counter::default(),
             auth_cache_misses: Counter::default(),
+            lease_hits: Counter::default(),
+            leases_granted: Counter::default(),
             auth_verifications: Counter::default(),
             auth_failures: Counter::default(),
             auth_throttled: Counter::default(),
@@ -199,7 +205,7 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
         }
     }
     type Read = fn(&ShardMetrics) -> i64;
-    let simple: [(&str, &str, &str, Read); 7] = [
+    let simple: [(&str, &str, &str, Read); 8] = [
         (
             "triggers_connections_open",
             "gauge",
@@ -242,8 +248,14 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
             "Messages a shard sent to another shard to settle a request.",
             |m| m.cross_shard_messages.get() as i64,
         ),
+        (
+            "triggers_connection_handoffs_total",
+            "counter",
+            "Connections this shard handed to a key's owner shard (rotation, Idempotency-Key).",
+            |m| m.handoffs.get() as i64,
+        ),
     ];
-    let auth: [(&str, &str, &str, Read); 7] = [
+    let auth: [(&str, &str, &str, Read); 9] = [
         (
             "triggers_events_accepted_total",
             "counter",
@@ -261,6 +273,18 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
             "counter",
             "Key lookups the cache could not answer.",
             |m| m.auth_cache_misses.get() as i64,
+        ),
+        (
+            "triggers_auth_lease_hits_total",
+            "counter",
+            "Requests for a key another shard owns, served from this shard's lease of it.",
+            |m| m.lease_hits.get() as i64,
+        ),
+        (
+            "triggers_auth_leases_granted_total",
+            "counter",
+            "Leases this shard, as a key's owner, granted to other shards.",
+            |m| m.leases_granted.get() as i64,
         ),
         (
             "triggers_auth_verifications_total",

@@ -183,6 +183,7 @@ pub fn serve(config: Config, plan: CorePlan) -> Result<(), ServeError> {
         .map(|_| futures::channel::mpsc::unbounded())
         .unzip();
     let listener_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let invalidations = invalidation_tx.clone();
     let listener =
         crate::auth::invalidation::start(settings.clone(), invalidation_tx, listener_stop.clone());
     let mut persistence = crate::persist::PersistenceCore::start(crate::persist::Settings {
@@ -213,6 +214,7 @@ pub fn serve(config: Config, plan: CorePlan) -> Result<(), ServeError> {
         rings: persistence.rings.clone(),
         persist_stats: persistence.stats.clone(),
         metrics,
+        invalidations,
     });
     let completions = persistence
         .completions

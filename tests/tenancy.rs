@@ -394,8 +394,16 @@ fn failed_authentications_are_throttled_per_address() {
         .contains("triggers_auth_throttled_total{shard=\"0\",core=\"0\"} 2"));
 }
 
+/// Sums the metric lines that start with `prefix`.
+fn metric_sum(text: &str, prefix: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 #[test]
-fn keep_alive_connections_move_to_the_owner_once() {
+fn keys_are_served_on_every_shard_by_leases() {
     let db = fresh_database();
     let s = TestServer::start(Some(&db), &settings(&["cores.shards=[0, 1]"]));
     let keys: Vec<String> = (0..6)
@@ -406,12 +414,12 @@ fn keep_alive_connections_move_to_the_owner_once() {
                 .to_string()
         })
         .collect();
-    let mut conns = 0;
+    let mut requests = 0;
     for key in &keys {
         for _ in 0..4 {
             let mut c = connect(s.port);
-            conns += 1;
-            // Pipelined: the first request may hand the connection over; the rest follow it.
+            // Pipelined: on the shard that does not own the key, the first
+            // request asks the owner for a lease and the rest join the ask.
             let one = format!("GET /api/keys HTTP/1.1\r\nX-API-Key: {key}\r\n\r\n");
             c.write_all(one.repeat(5).as_bytes()).expect("write");
             let rs = read_responses(&mut c, 5);
@@ -421,19 +429,76 @@ fn keep_alive_connections_move_to_the_owner_once() {
                 "{:?}",
                 rs.iter().map(|r| r.status).collect::<Vec<_>>()
             );
+            // The rate-limit headers are the organization's on both shards.
+            for r in &rs {
+                assert_eq!(r.header("x-ratelimit-limit"), Some("100000"));
+                let remaining: u64 = r
+                    .header("x-ratelimit-remaining")
+                    .expect("remaining")
+                    .parse()
+                    .expect("int");
+                assert!((99_900..100_000).contains(&remaining), "{remaining}");
+            }
             for _ in 0..3 {
                 c.write_all(one.as_bytes()).expect("write");
                 assert_eq!(read_responses(&mut c, 1)[0].status, 200);
             }
+            requests += 8;
         }
     }
     let text = s.get("/metrics").text();
-    let moved: u64 = text
-        .lines()
-        .filter(|l| l.starts_with("triggers_cross_shard_messages_total"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum();
-    assert!(moved <= conns, "{moved} handoffs for {conns} connections");
+    let served = |shard: &str| {
+        metric_sum(
+            &text,
+            &format!("triggers_http_requests_total{{shard=\"{shard}\",route=\"/api/keys\",status=\"200\""),
+        )
+    };
+    assert_eq!(served("0") + served("1"), requests);
+    assert!(served("0") > 0 && served("1") > 0, "{text}");
+    assert_eq!(metric_sum(&text, "triggers_connection_handoffs_total"), 0);
+    let messages = metric_sum(&text, "triggers_cross_shard_messages_total");
+    let leased = metric_sum(&text, "triggers_auth_lease_hits_total");
+    let granted = metric_sum(&text, "triggers_auth_leases_granted_total");
+    assert!(
+        (1..=24).contains(&messages),
+        "{messages} lease requests for {requests} requests"
+    );
+    assert!(granted >= 1 && granted <= messages);
+    assert!(
+        leased > messages,
+        "{leased} requests served on leases, {messages} asks"
+    );
+}
+
+#[test]
+fn rotation_with_leases_on_the_other_shard() {
+    // The old key stops at once on both shards, although the shard that
+    // does not own it holds a lease of it.
+    let db = fresh_database();
+    let s = TestServer::start(Some(&db), &settings(&["cores.shards=[0, 1]"]));
+    for round in 0..3 {
+        let key = generate_key(s.port, &format!("Rot {round}"), "enterprise")["api_key"]
+            .as_str()
+            .expect("key")
+            .to_string();
+        // New connections spread over both shards: leases on the other one.
+        for _ in 0..8 {
+            assert_eq!(get_keys(s.port, &key).status, 200);
+        }
+        let r = call(
+            s.port,
+            "POST",
+            "/api/keys/rotate",
+            &[("X-API-Key", &key)],
+            None,
+        );
+        assert_eq!(r.status, 200);
+        let fresh = r.json()["api_key"].as_str().expect("key").to_string();
+        for _ in 0..8 {
+            assert_eq!(get_keys(s.port, &key).status, 401);
+            assert_eq!(get_keys(s.port, &fresh).status, 200);
+        }
+    }
 }
 
 #[test]

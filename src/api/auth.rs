@@ -10,6 +10,7 @@
 //! on a timer. Unknown key ids never cost an Argon2 run.
 
 use super::{ApiError, Handled, ShardCtx};
+use crate::auth::lease::{lease_size, LeaseAnswer, LeaseRequest, LeaseTable, LeaseUse, LEASE_TTL};
 use crate::auth::{key, Lookup, Principal};
 use crate::http::{Request, Response};
 use crate::limit::Decision;
@@ -183,6 +184,52 @@ pub fn authenticated(
         return fail(ctx, peer, started, false);
     };
     let digest = ctx.shared.digester.digest(presented.secret);
+    let owner = key::owner_shard(
+        key::key_slot(presented.key_id),
+        ctx.shared.plan.shards.len(),
+    );
+    if owner != ctx.id {
+        let leased = ctx
+            .auth
+            .leases
+            .borrow_mut()
+            .spend(presented.key_id, &digest, cost, started);
+        let refund = match leased {
+            LeaseUse::Spent(principal, d) => {
+                ctx.metrics.lease_hits.inc();
+                return run(ctx, req, principal, d, handler);
+            }
+            LeaseUse::WrongSecret => return fail(ctx, peer, started, false),
+            LeaseUse::Ask { refund } => refund,
+        };
+        let ask = Ask {
+            owner,
+            key_id: presented.key_id.to_string(),
+            secret: presented.secret.to_string(),
+            digest,
+            cost,
+            refund,
+        };
+        let ctx = ctx.clone();
+        return Handled::Pending(Box::pin(async move {
+            let handled = match borrow(&ctx, ask).await {
+                Borrowed::Admitted(principal, d) => run(&ctx, req, principal, d, handler),
+                Borrowed::Limited(d) => return limited(&ctx, &d),
+                Borrowed::Unauthorized => fail(&ctx, peer, started, false),
+                Borrowed::Granted | Borrowed::Unavailable => {
+                    return Err(ApiError::unavailable(
+                        "Authentication is unavailable: the database does not answer.",
+                        1,
+                    ))
+                }
+                Borrowed::Overloaded => return Err(ApiError::overloaded(1)),
+            };
+            match handled {
+                Handled::Ready(r) => r,
+                Handled::Pending(f) => f.await,
+            }
+        }));
+    }
     let lookup = ctx
         .auth
         .cache
@@ -255,20 +302,235 @@ fn admit(
             .limiter
             .borrow_mut()
             .check(principal.organization_id, limit, cost, ctx.now_ns());
+    run(ctx, req, principal, d, handler)
+}
+
+/// Runs `handler` when the rate-limit decision `d` allows it, else a 429.
+fn run(
+    ctx: &Rc<ShardCtx>,
+    req: Request,
+    principal: Rc<Principal>,
+    d: Decision,
+    handler: AuthedHandler,
+) -> Handled {
     if !d.allowed {
-        ctx.metrics.rate_limited.inc();
-        let e = ApiError::new(
-            429,
-            "rate_limited",
-            "Rate limit exceeded for this organization.",
-        )
-        .details(json!({"limit": d.limit, "window": 60, "retry_after": d.retry_after_secs}))
-        .header("retry-after", d.retry_after_secs.to_string());
-        return Handled::Ready(with_rate(Err(e), &d));
+        return Handled::Ready(limited(ctx, &d));
     }
     match handler(ctx, req, principal) {
         Handled::Ready(r) => Handled::Ready(with_rate(r, &d)),
         Handled::Pending(f) => Handled::Pending(Box::pin(async move { with_rate(f.await, &d) })),
+    }
+}
+
+/// The 429 for a request its organization's limit refused.
+fn limited(ctx: &ShardCtx, d: &Decision) -> Result<Response, ApiError> {
+    ctx.metrics.rate_limited.inc();
+    let e = ApiError::new(
+        429,
+        "rate_limited",
+        "Rate limit exceeded for this organization.",
+    )
+    .details(json!({"limit": d.limit, "window": 60, "retry_after": d.retry_after_secs}))
+    .header("retry-after", d.retry_after_secs.to_string());
+    with_rate(Err(e), d)
+}
+
+/// A request for a key another shard owns, needing a lease.
+struct Ask {
+    owner: usize,
+    key_id: String,
+    secret: String,
+    digest: [u8; 32],
+    cost: u64,
+    refund: u64,
+}
+
+/// What asking the owner concluded, for the asker and for the requests
+/// that joined its ask.
+#[derive(Clone)]
+pub enum Borrowed {
+    /// The asker's request is admitted with this decision.
+    Admitted(Rc<Principal>, Decision),
+    /// (To joined requests) a lease is installed: spend from it.
+    Granted,
+    Limited(Decision),
+    Unauthorized,
+    Unavailable,
+    Overloaded,
+}
+
+/// Gets `ask.cost` requests of a lease of `ask.key_id` from its owner shard,
+/// joining an ask already in flight for the same key and secret.
+async fn borrow(ctx: &Rc<ShardCtx>, mut ask: Ask) -> Borrowed {
+    for _ in 0..4 {
+        let slot = (ask.key_id.clone(), ask.digest);
+        let joined = {
+            let mut asking = ctx.auth.asking.borrow_mut();
+            match asking.get_mut(&slot) {
+                Some(waiters) => {
+                    let (tx, rx) = oneshot::channel();
+                    waiters.push(tx);
+                    Some(rx)
+                }
+                None => {
+                    asking.insert(slot.clone(), Vec::new());
+                    None
+                }
+            }
+        };
+        let outcome = match joined {
+            Some(rx) => rx.await.unwrap_or(Borrowed::Unavailable),
+            None => {
+                let outcome = ask_owner(ctx, &ask).await;
+                let waiters = ctx.auth.asking.borrow_mut().remove(&slot);
+                let shared = match &outcome {
+                    Borrowed::Admitted(..) => Borrowed::Granted,
+                    other => other.clone(),
+                };
+                for w in waiters.unwrap_or_default() {
+                    let _ = w.send(shared.clone());
+                }
+                return outcome;
+            }
+        };
+        if !matches!(outcome, Borrowed::Granted) {
+            return outcome;
+        }
+        let leased =
+            ctx.auth
+                .leases
+                .borrow_mut()
+                .spend(&ask.key_id, &ask.digest, ask.cost, Instant::now());
+        match leased {
+            LeaseUse::Spent(principal, d) => {
+                ctx.metrics.lease_hits.inc();
+                return Borrowed::Admitted(principal, d);
+            }
+            LeaseUse::WrongSecret => return Borrowed::Unauthorized,
+            LeaseUse::Ask { refund } => ask.refund = refund,
+        }
+    }
+    Borrowed::Overloaded
+}
+
+/// One lease request to the owner shard; installs what it grants, less
+/// the asker's own cost.
+async fn ask_owner(ctx: &Rc<ShardCtx>, ask: &Ask) -> Borrowed {
+    let (tx, rx) = oneshot::channel();
+    let request = LeaseRequest {
+        key_id: ask.key_id.clone(),
+        secret: ask.secret.clone(),
+        digest: ask.digest,
+        cost: ask.cost,
+        refund: ask.refund,
+        reply: tx,
+    };
+    let sent = match ctx.lease_peers.borrow_mut().get_mut(ask.owner) {
+        Some(peer) => peer.try_send(request).is_ok(),
+        None => false,
+    };
+    if !sent {
+        return Borrowed::Overloaded;
+    }
+    ctx.metrics.cross_shard_messages.inc();
+    match rx.await {
+        Ok(LeaseAnswer::Granted {
+            principal,
+            tokens,
+            decision,
+            expires,
+        }) => {
+            let principal = Rc::new(principal);
+            let left = tokens.saturating_sub(ask.cost);
+            ctx.auth.leases.borrow_mut().install(
+                principal.clone(),
+                ask.digest,
+                left,
+                decision,
+                expires,
+                Instant::now(),
+            );
+            let mut d = decision;
+            d.remaining = d.remaining.saturating_add(left);
+            Borrowed::Admitted(principal, d)
+        }
+        Ok(LeaseAnswer::Limited(d)) => Borrowed::Limited(d),
+        Ok(LeaseAnswer::Unauthorized) => Borrowed::Unauthorized,
+        Ok(LeaseAnswer::Overloaded) => Borrowed::Overloaded,
+        Ok(LeaseAnswer::Unavailable) | Err(_) => Borrowed::Unavailable,
+    }
+}
+
+/// On the owner shard: answers another shard's lease request from the key
+/// cache (verifying the key first on a miss) and the organization's limit.
+pub fn serve_lease(ctx: &Rc<ShardCtx>, r: LeaseRequest) {
+    let now = Instant::now();
+    let lookup = ctx
+        .auth
+        .cache
+        .borrow_mut()
+        .lookup(&r.key_id, &r.digest, now);
+    match lookup {
+        Lookup::Hit(principal) => {
+            ctx.metrics.auth_cache_hits.inc();
+            let answer = grant(ctx, &principal, &r, now);
+            let _ = r.reply.send(answer);
+        }
+        Lookup::WrongSecret | Lookup::Unknown => {
+            ctx.metrics.auth_cache_hits.inc();
+            let _ = r.reply.send(LeaseAnswer::Unauthorized);
+        }
+        Lookup::Miss => {
+            ctx.metrics.auth_cache_misses.inc();
+            let waiter = match verify(ctx, &r.key_id, &r.secret, r.digest) {
+                Ok(w) => w,
+                Err(_) => {
+                    let _ = r.reply.send(LeaseAnswer::Overloaded);
+                    return;
+                }
+            };
+            let c = ctx.clone();
+            (ctx.hooks.spawn)(Box::pin(async move {
+                let answer = match waiter.await.unwrap_or(Verified::Unavailable) {
+                    Verified::Valid(principal) => grant(&c, &principal, &r, Instant::now()),
+                    Verified::Unauthorized => LeaseAnswer::Unauthorized,
+                    Verified::Unavailable => LeaseAnswer::Unavailable,
+                };
+                let _ = r.reply.send(answer);
+            }));
+        }
+    }
+}
+
+/// Charges a lease's worth of `principal`'s quota (after taking back the
+/// asker's unused tokens) and describes it.
+fn grant(
+    ctx: &Rc<ShardCtx>,
+    principal: &Rc<Principal>,
+    r: &LeaseRequest,
+    now: Instant,
+) -> LeaseAnswer {
+    let limit = limit_for_tier(ctx, &principal.tier);
+    let org = principal.organization_id;
+    let now_ns = ctx.now_ns();
+    let (d, tokens) = {
+        let mut limiter = ctx.auth.limiter.borrow_mut();
+        if r.refund > 0 {
+            limiter.refund(org, limit, r.refund, now_ns);
+        }
+        limiter.grant(org, limit, r.cost, lease_size(limit).max(r.cost), now_ns)
+    };
+    if tokens == 0 {
+        return LeaseAnswer::Limited(d);
+    }
+    ctx.metrics.leases_granted.inc();
+    let valid = ctx.auth.cache.borrow().valid_until(&r.key_id);
+    let expires = valid.map_or(now + LEASE_TTL, |v| v.min(now + LEASE_TTL));
+    LeaseAnswer::Granted {
+        principal: (**principal).clone(),
+        tokens,
+        decision: d,
+        expires,
     }
 }
 
@@ -396,10 +658,17 @@ fn load_and_verify(
 /// Requests waiting on one verification, by (key id, digest of the presented secret).
 pub type Waiters = HashMap<(String, [u8; 32]), Vec<oneshot::Sender<Verified>>, ahash::RandomState>;
 
+/// Requests waiting on one lease ask, by (key id, digest of the presented secret).
+pub type Askers = HashMap<(String, [u8; 32]), Vec<oneshot::Sender<Borrowed>>, ahash::RandomState>;
+
 /// Shard-owned authentication state.
 pub struct AuthState {
+    /// Keys whose routing slot this shard owns.
     pub cache: std::cell::RefCell<crate::auth::KeyCache>,
     pub pending: std::cell::RefCell<Waiters>,
+    /// Leases on keys other shards own.
+    pub leases: std::cell::RefCell<LeaseTable>,
+    pub asking: std::cell::RefCell<Askers>,
     pub limiter: std::cell::RefCell<crate::limit::RateLimiter>,
     pub failures: std::cell::RefCell<FailureThrottle>,
 }
@@ -412,6 +681,8 @@ impl AuthState {
                 config.negative_capacity,
             )),
             pending: std::cell::RefCell::new(HashMap::with_hasher(ahash::RandomState::new())),
+            leases: std::cell::RefCell::new(LeaseTable::new(config.cache_capacity)),
+            asking: std::cell::RefCell::new(HashMap::with_hasher(ahash::RandomState::new())),
             limiter: std::cell::RefCell::new(crate::limit::RateLimiter::new(config.cache_capacity)),
             failures: std::cell::RefCell::new(FailureThrottle::new(config.negative_capacity)),
         }

@@ -279,30 +279,21 @@ fn enqueue(
         }
     }
     ctx.metrics.events_accepted.inc();
-    let event_type = answer["type"].as_str().unwrap_or_default().to_string();
     if cfg.ack == "memory" {
         let mut a = answer;
         a["durability"] = json!("memory");
-        // Long-polling readers are woken by the commit, not the enqueue.
-        let c = ctx.clone();
-        // A duplicate dedup_id is dropped silently here: the 202 went out already.
-        (ctx.hooks.spawn)(Box::pin(async move {
-            if let Ok(Ok(dups)) = committed.await {
-                if dups.first().is_some_and(Option::is_none) {
-                    c.inbox_waiters.wake(org, &event_type);
-                }
-            }
-        }));
+        // Long-polling readers are woken by the commit (the persistence core
+        // tells every shard), not the enqueue. A duplicate dedup_id is
+        // dropped silently here: the 202 went out already.
+        drop(committed);
         return Handled::Ready(Ok(json_response(202, &a)));
     }
-    let c = ctx.clone();
     Handled::Pending(Box::pin(async move {
         match committed.await {
             Ok(Ok(dups)) => {
                 if let Some(Some(original)) = dups.first() {
                     return Err(duplicate(&answer["dedup_id"], *original));
                 }
-                c.inbox_waiters.wake(org, &event_type);
                 Ok(json_response(202, &answer))
             }
             _ => Err(ApiError::unavailable(
@@ -366,7 +357,6 @@ pub fn create_batch(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handl
     let created_at = crate::time::now_micros();
     let mut rows = Vec::new();
     let mut results = Vec::with_capacity(items.len());
-    let mut types = Vec::new();
     // For each row: its position in `results` and its dedup_id.
     let mut slots: Vec<(usize, Option<String>)> = Vec::new();
     for (index, item) in items.iter().enumerate() {
@@ -382,7 +372,6 @@ pub fn create_batch(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handl
             Ok(e) => {
                 let id = ctx.ids.borrow_mut().next(created_at.max(0) as u64 / 1000);
                 results.push(json!({"index": index, "id": id, "status": "accepted"}));
-                types.push(e.event_type.clone());
                 slots.push((results.len() - 1, e.dedup_id.clone()));
                 rows.push(EventRow {
                     organization_id: p.organization_id,
@@ -430,17 +419,9 @@ pub fn create_batch(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handl
         }
     }
     ctx.metrics.events_accepted.add(accepted as u64);
-    let org = p.organization_id;
-    let c = ctx.clone();
     if cfg.ack == "memory" {
         let answer = json!({"accepted": accepted, "rejected": rejected, "results": results, "durability": "memory"});
-        (ctx.hooks.spawn)(Box::pin(async move {
-            if let Ok(Ok(_)) = committed.await {
-                for t in &types {
-                    c.inbox_waiters.wake(org, t);
-                }
-            }
-        }));
+        drop(committed);
         return Handled::Ready(Ok(json_response(202, &answer)));
     }
     Handled::Pending(Box::pin(async move {
@@ -457,11 +438,6 @@ pub fn create_batch(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handl
                             "error": e.message,
                             "details": e.details,
                         });
-                    }
-                }
-                for (t, dup) in types.iter().zip(&dups) {
-                    if dup.is_none() {
-                        c.inbox_waiters.wake(org, t);
                     }
                 }
                 let answer = json!({

@@ -8,7 +8,7 @@ use super::body::{parse_object, require_json, FieldErrors};
 use super::{
     answer, bearer, constant_time_eq, json_response, store_error, ApiError, Handled, ShardCtx,
 };
-use crate::auth::invalidation::CHANNEL;
+use crate::auth::invalidation::{Invalidation, CHANNEL};
 use crate::auth::{key, Principal};
 use crate::http::Request;
 use crate::store::{ts, StoreError};
@@ -190,9 +190,15 @@ pub fn rotate(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
     let ctx = ctx.clone();
     Handled::Pending(Box::pin(async move {
         let (key_id, full, rotated, old_expires) = answer(reply).await?;
-        // This shard owns every key of the organization: the old key's entry
-        // goes now, before the answer (other processes hear the NOTIFY).
+        // This shard owns the old key (rotation is handed to the owner): its
+        // entry goes now, before the answer. The other shards' leases of it
+        // go by message now too; other processes hear the NOTIFY.
         ctx.auth.cache.borrow_mut().invalidate(&p.key_id);
+        for (shard, inbox) in ctx.shared.invalidations.iter().enumerate() {
+            if shard != ctx.id {
+                let _ = inbox.unbounded_send(Invalidation::Key(p.key_id.clone()));
+            }
+        }
         Ok(json_response(
             200,
             &json!({

@@ -15,7 +15,10 @@ mod inbox;
 mod keys;
 mod ops;
 
-pub use auth::{AuthState, EngineHooks};
+pub use auth::{serve_lease, AuthState, EngineHooks};
+
+/// The sending end of a shard's lease queue.
+pub type LeaseSender = futures::channel::mpsc::Sender<crate::auth::lease::LeaseRequest>;
 pub use error::ApiError;
 
 use crate::auth::key::{HashParams, SecretDigester};
@@ -49,6 +52,9 @@ pub struct Shared {
     pub persist_stats: Arc<crate::persist::PersistStats>,
     /// One entry per shard, indexed by shard id.
     pub metrics: Vec<Arc<ShardMetrics>>,
+    /// Every shard's key-invalidation inbox, indexed by shard id.
+    pub invalidations:
+        Vec<futures::channel::mpsc::UnboundedSender<crate::auth::invalidation::Invalidation>>,
 }
 
 /// Long-polling inbox requests one shard holds at most.
@@ -72,6 +78,8 @@ pub struct ShardCtx {
     pub inbox_waiters: inbox::InboxWaiters,
     /// (organization, Idempotency-Key) of requests being handled now.
     pub idempotency_in_flight: std::cell::RefCell<std::collections::HashSet<(uuid::Uuid, String)>>,
+    /// Every shard's lease queue, indexed by shard id (see `auth::lease`).
+    pub lease_peers: std::cell::RefCell<Vec<LeaseSender>>,
     /// Mints the ids of events accepted here.
     pub ids: std::cell::RefCell<crate::ids::IdMint>,
     origin: Instant,
@@ -80,7 +88,12 @@ pub struct ShardCtx {
 }
 
 impl ShardCtx {
-    pub fn new(id: usize, shared: Arc<Shared>, hooks: EngineHooks) -> ShardCtx {
+    pub fn new(
+        id: usize,
+        shared: Arc<Shared>,
+        hooks: EngineHooks,
+        lease_peers: Vec<LeaseSender>,
+    ) -> ShardCtx {
         let metrics = shared.metrics[id].clone();
         let random = uuid::Uuid::new_v4().as_u64_pair().0;
         let auth = AuthState::new(&shared.config.auth);
@@ -95,6 +108,7 @@ impl ShardCtx {
             hooks,
             inbox_waiters: inbox::InboxWaiters::new(INBOX_WAITERS),
             idempotency_in_flight: Default::default(),
+            lease_peers: std::cell::RefCell::new(lease_peers),
             ids: Default::default(),
             origin: Instant::now(),
             request_prefix: random,
@@ -300,6 +314,19 @@ pub fn body_limit(config: &Config, _method: Method, path: &str) -> usize {
     }
 }
 
+/// Whether a request must be served on its key's owner shard, which then
+/// takes its connection (`shard::handoff`): rotation, so the old key's cache
+/// entry goes before the answer, and ingests with an `Idempotency-Key`,
+/// whose in-flight set lives there. Every other authenticated request is
+/// served where it landed, on a lease from the owner (`auth::lease`).
+fn needs_owner(route: Route, req: &Request) -> bool {
+    match route {
+        Route::KeysRotate => true,
+        Route::Events | Route::EventsBatch => req.header_str("idempotency-key").is_some(),
+        _ => false,
+    }
+}
+
 /// Handles one request from `peer`.
 pub fn handle(ctx: &Rc<ShardCtx>, req: Request, peer: Option<IpAddr>) -> Reply {
     let (route, target) = match route(req.method, req.path()) {
@@ -310,12 +337,13 @@ pub fn handle(ctx: &Rc<ShardCtx>, req: Request, peer: Option<IpAddr>) -> Reply {
             return Reply::Ready(finish(ctx, Route::Unmatched, request_id, r));
         }
     };
-    if let Target::Authed(_) = target {
+    if needs_owner(route, &req) {
         let shards = ctx.shared.plan.shards.len();
         if shards > 1 {
             if let Some(owner) = auth::owner_of(&req, shards) {
                 if owner != ctx.id {
                     ctx.metrics.cross_shard_messages.inc();
+                    ctx.metrics.handoffs.inc();
                     return Reply::Handoff {
                         shard: owner,
                         request: req,

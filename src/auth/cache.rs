@@ -130,6 +130,16 @@ impl KeyCache {
         self.negative.insert(key_id.to_string(), until);
     }
 
+    /// Until when the entry of `key_id` may be relied on (its cache TTL and
+    /// its key's expiry, whichever comes first).
+    pub fn valid_until(&self, key_id: &str) -> Option<Instant> {
+        let e = self.entries.get(key_id)?;
+        Some(
+            e.key_expires
+                .map_or(e.fresh_until, |k| k.min(e.fresh_until)),
+        )
+    }
+
     pub fn invalidate(&mut self, key_id: &str) {
         self.entries.remove(key_id);
         self.negative.remove(key_id);

@@ -5,5 +5,6 @@
 pub mod cache;
 pub mod invalidation;
 pub mod key;
+pub mod lease;
 
 pub use cache::{KeyCache, Lookup, Principal};

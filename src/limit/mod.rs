@@ -76,6 +76,38 @@ impl RateLimiter {
         }
     }
 
+    /// Charges as many requests as fit, between `min` and `max`, for a lease
+    /// to another shard (see `auth::lease`); the decision and the count
+    /// granted, 0 with a denying decision when not even `min` fits.
+    pub fn grant(
+        &mut self,
+        org: uuid::Uuid,
+        limit_per_minute: u64,
+        min: u64,
+        max: u64,
+        now_ns: u64,
+    ) -> (Decision, u64) {
+        let interval = (WINDOW_NS / limit_per_minute.max(1)).max(1);
+        let tat = self.tat.get(&org).copied().unwrap_or(now_ns).max(now_ns);
+        let fits = (WINDOW_NS - (tat - now_ns).min(WINDOW_NS)) / interval;
+        let n = fits.min(max.max(min));
+        if n < min.max(1) {
+            return (self.check(org, limit_per_minute, min.max(1), now_ns), 0);
+        }
+        let d = self.check(org, limit_per_minute, n, now_ns);
+        debug_assert!(d.allowed);
+        (d, if d.allowed { n } else { 0 })
+    }
+
+    /// Gives back `n` requests charged to `org` but never used (an expired
+    /// lease); never below a full quota.
+    pub fn refund(&mut self, org: uuid::Uuid, limit_per_minute: u64, n: u64, now_ns: u64) {
+        let interval = (WINDOW_NS / limit_per_minute.max(1)).max(1);
+        if let Some(t) = self.tat.get_mut(&org) {
+            *t = t.saturating_sub(interval.saturating_mul(n)).max(now_ns);
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.tat.len()
     }
@@ -138,6 +170,27 @@ mod tests {
         assert!(!l.check(a, 100, 41, 0).allowed);
         assert!(l.check(a, 100, 40, 0).allowed);
         assert!(l.check(b, 100, 100, 0).allowed);
+    }
+
+    #[test]
+    fn grants_take_what_fits_and_refunds_give_it_back() {
+        let mut l = RateLimiter::new(100);
+        let org = uuid::Uuid::new_v4();
+        let (d, n) = l.grant(org, 100, 1, 30, 0);
+        assert_eq!((d.allowed, n, d.remaining), (true, 30, 70));
+        assert!(l.check(org, 100, 60, 0).allowed);
+        // 10 left: a grant of up to 30 gets 10; then nothing fits.
+        assert_eq!(l.grant(org, 100, 1, 30, 0).1, 10);
+        let (d, n) = l.grant(org, 100, 1, 30, 0);
+        assert_eq!((d.allowed, n), (false, 0));
+        assert_eq!(d.retry_after_secs, 1);
+        // A minimum larger than what fits is refused whole.
+        l.refund(org, 100, 5, 0);
+        assert_eq!(l.grant(org, 100, 6, 30, 0).1, 0);
+        assert_eq!(l.grant(org, 100, 5, 30, 0).1, 5);
+        // Refunds never leave more than a full quota.
+        l.refund(org, 100, 1_000, 0);
+        assert_eq!(l.grant(org, 100, 1, 1_000, 0).1, 100);
     }
 
     #[test]

@@ -107,9 +107,15 @@ impl Default for PersistStats {
 /// What a request waiting for its commit receives.
 pub type Outcome = Result<Vec<Option<uuid::Uuid>>, Unavailable>;
 
-/// The answers for one shard from one batch, sent as one message: the shard
-/// is woken once per batch, not once per request.
-pub type Completions = Vec<(oneshot::Sender<Outcome>, Outcome)>;
+/// What one batch means for one shard, sent as one message: the shard is
+/// woken once per batch, not once per request.
+pub struct Completions {
+    /// The shard's requests in the batch and their outcomes.
+    pub answers: Vec<(oneshot::Sender<Outcome>, Outcome)>,
+    /// (organization, event type) of every event the batch stored, once
+    /// each: long-polling inbox requests on any shard wake on these.
+    pub stored: Arc<[(uuid::Uuid, String)]>,
+}
 
 /// A shard's end of its ring.
 #[derive(Clone)]
@@ -332,7 +338,8 @@ fn commit(
             }
         }
     };
-    let mut per_shard: Vec<Completions> = done.iter().map(|_| Vec::new()).collect();
+    let mut per_shard: Vec<Vec<(oneshot::Sender<Outcome>, Outcome)>> =
+        done.iter().map(|_| Vec::new()).collect();
     let mut answer = |item: &mut IngestItem, o: Outcome| {
         if let Some(tx) = item.done.take() {
             match per_shard.get_mut(item.shard) {
@@ -343,8 +350,20 @@ fn commit(
             }
         }
     };
+    let mut stored: Vec<(uuid::Uuid, String)> = Vec::new();
     match outcome {
         Ok(dups) => {
+            for (item, d) in batch.iter().zip(&dups) {
+                for (row, dup) in item.rows.iter().zip(d) {
+                    if dup.is_none()
+                        && !stored
+                            .last()
+                            .is_some_and(|(o, t)| *o == row.organization_id && *t == row.event_type)
+                    {
+                        stored.push((row.organization_id, row.event_type.clone()));
+                    }
+                }
+            }
             for (mut item, d) in batch.drain(..).zip(dups) {
                 answer(&mut item, Ok(d));
             }
@@ -355,26 +374,38 @@ fn commit(
             }
         }
     }
-    for (shard, list) in per_shard.into_iter().enumerate() {
-        if list.is_empty() {
+    stored.sort_unstable();
+    stored.dedup();
+    let stored: Arc<[(uuid::Uuid, String)]> = stored.into();
+    for (shard, answers) in per_shard.into_iter().enumerate() {
+        if answers.is_empty() && stored.is_empty() {
             continue;
         }
-        if let Err(e) = done[shard].unbounded_send(list) {
+        let message = Completions {
+            answers,
+            stored: stored.clone(),
+        };
+        if let Err(e) = done[shard].unbounded_send(message) {
             // The shard is gone (shutdown): answer directly, nobody waits.
-            for (tx, o) in e.into_inner() {
+            for (tx, o) in e.into_inner().answers {
                 let _ = tx.send(o);
             }
         }
     }
 }
 
-/// Completes, on the shard, every request of the batches the writers send it.
-pub async fn complete(mut batches: mpsc::UnboundedReceiver<Completions>) {
+/// Completes, on the shard, every request of the batches the writers send
+/// it, and tells `stored` what each batch stored.
+pub async fn complete(
+    mut batches: mpsc::UnboundedReceiver<Completions>,
+    stored: impl Fn(&[(uuid::Uuid, String)]),
+) {
     use futures::StreamExt;
-    while let Some(list) = batches.next().await {
-        for (tx, o) in list {
+    while let Some(c) = batches.next().await {
+        for (tx, o) in c.answers {
             let _ = tx.send(o);
         }
+        stored(&c.stored);
     }
 }
 

@@ -12,6 +12,7 @@ mod handoff;
 
 use crate::api::{EngineHooks, ShardCtx, Shared};
 use crate::auth::invalidation::Invalidation;
+use crate::auth::lease::LeaseRequest;
 use futures::channel::{mpsc, oneshot};
 use futures::StreamExt;
 use glommio::net::TcpListener;
@@ -69,6 +70,9 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(200);
 /// Connection handoffs waiting for one shard.
 const HANDOFF_QUEUE: usize = 1024;
 
+/// Lease requests from other shards waiting for one shard (`auth::lease`).
+const LEASE_QUEUE: usize = 4096;
+
 fn glommio_sleep(d: Duration) -> Pin<Box<dyn Future<Output = ()>>> {
     Box::pin(glommio::timer::sleep(d))
 }
@@ -93,12 +97,23 @@ pub fn start(
         .iter()
         .map(|_| mpsc::channel::<Handoff>(HANDOFF_QUEUE))
         .unzip();
-    let mut inboxes = handoff_rx.into_iter().zip(invalidations).zip(completions);
+    let (lease_tx, lease_rx): (Vec<_>, Vec<_>) = shared
+        .plan
+        .shards
+        .iter()
+        .map(|_| mpsc::channel::<LeaseRequest>(LEASE_QUEUE))
+        .unzip();
+    let mut inboxes = handoff_rx
+        .into_iter()
+        .zip(invalidations)
+        .zip(completions)
+        .zip(lease_rx);
     for (id, &core) in shared.plan.shards.iter().enumerate() {
-        let Some(((inbox, invalidations), completions)) = inboxes.next() else {
+        let Some((((inbox, invalidations), completions), leases)) = inboxes.next() else {
             break;
         };
         let peers = handoff_tx.clone();
+        let lease_peers = lease_tx.clone();
         let socket = reuseport_listener(addr, cfg.http.listen_backlog)
             .map_err(|source| ShardError::Listen { addr, source })?;
         let fd: RawFd = socket.into_raw_fd();
@@ -120,6 +135,8 @@ pub fn start(
                     handoffs: inbox,
                     invalidations,
                     completions,
+                    leases,
+                    lease_peers,
                 };
                 run_shard(id, shard_shared, listener, links, mail, stop_rx).await
             })
@@ -157,6 +174,10 @@ struct Mail {
     invalidations: mpsc::UnboundedReceiver<Invalidation>,
     /// Committed (or failed) ingests from the persistence writers.
     completions: mpsc::UnboundedReceiver<crate::persist::Completions>,
+    /// Lease requests for keys this shard owns.
+    leases: mpsc::Receiver<LeaseRequest>,
+    /// Where this shard sends its own lease requests, by shard id.
+    lease_peers: Vec<mpsc::Sender<LeaseRequest>>,
 }
 
 async fn run_shard(
@@ -171,13 +192,15 @@ async fn run_shard(
         handoffs: inbox,
         mut invalidations,
         completions,
+        mut leases,
+        lease_peers,
     } = mail;
     let grace = Duration::from_millis(shared.config.http.shutdown_grace_ms);
     let hooks = EngineHooks {
         sleep: glommio_sleep,
         spawn: glommio_spawn,
     };
-    let ctx = Rc::new(ShardCtx::new(id, shared, hooks));
+    let ctx = Rc::new(ShardCtx::new(id, shared, hooks, lease_peers));
     let queue = executor().create_task_queue(
         Shares::default(),
         Latency::Matters(Duration::from_millis(1)),
@@ -188,8 +211,28 @@ async fn run_shard(
         async move {
             while let Some(msg) = invalidations.next().await {
                 match msg {
-                    Invalidation::Key(key_id) => c.auth.cache.borrow_mut().invalidate(&key_id),
-                    Invalidation::All => c.auth.cache.borrow_mut().clear(),
+                    Invalidation::Key(key_id) => {
+                        c.auth.cache.borrow_mut().invalidate(&key_id);
+                        c.auth.leases.borrow_mut().invalidate(&key_id);
+                    }
+                    Invalidation::All => {
+                        c.auth.cache.borrow_mut().clear();
+                        c.auth.leases.borrow_mut().clear();
+                    }
+                }
+            }
+        },
+        queue,
+    );
+    // The two detached tasks below hold the context weakly: they outlive the
+    // shard's main future, and the context (with the persistence rings in
+    // `Shared`) must be dropped when it ends, or persistence never stops.
+    let c = Rc::downgrade(&ctx);
+    let lessor = glommio::spawn_local_into(
+        async move {
+            while let Some(request) = leases.next().await {
+                if let Some(c) = c.upgrade() {
+                    crate::api::serve_lease(&c, request);
                 }
             }
         },
@@ -201,12 +244,31 @@ async fn run_shard(
     );
     // Commits reach waiting requests through this task: one wake per batch.
     // It runs until the executor ends, so draining requests still complete.
-    match glommio::spawn_local_into(crate::persist::complete(completions), queue) {
+    let c = Rc::downgrade(&ctx);
+    let wake = move |stored: &[(uuid::Uuid, String)]| {
+        if let Some(c) = c.upgrade() {
+            for (org, event_type) in stored {
+                c.inbox_waiters.wake(*org, event_type);
+            }
+        }
+    };
+    match glommio::spawn_local_into(crate::persist::complete(completions, wake), queue) {
         Ok(task) => {
             task.detach();
         }
         Err(e) => {
             log::error!("shard {id}: cannot spawn the commit completion task: {e}");
+            return;
+        }
+    }
+    // Lease requests are served until the executor ends, so other shards'
+    // draining requests still get their answers.
+    match lessor {
+        Ok(task) => {
+            task.detach();
+        }
+        Err(e) => {
+            log::error!("shard {id}: cannot spawn the lease task: {e}");
             return;
         }
     }
