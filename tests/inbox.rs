@@ -333,6 +333,27 @@ fn long_poll_is_woken_by_commits() {
             && waited < std::time::Duration::from_secs(5),
         "{waited:?}"
     );
+
+    // Waiter and producer on new connections, so on either shard: a commit
+    // wakes waiters on every shard (by chance all six pairs share a shard
+    // one time in 64).
+    for round in 0..6 {
+        let (port, k) = (s.port, key.clone());
+        let t = format!("round.{round}");
+        let producer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            post_event(port, &k, &t, 1)
+        });
+        let start = std::time::Instant::now();
+        let v = inbox(s.port, &key, &format!("?wait=10&type=round.{round}")).json();
+        let waited = start.elapsed();
+        let id = producer.join().expect("producer");
+        assert_eq!(v["events"][0]["id"].as_str(), Some(id.as_str()), "{v}");
+        assert!(
+            waited < std::time::Duration::from_secs(3),
+            "round {round}: {waited:?}"
+        );
+    }
 }
 
 #[test]
