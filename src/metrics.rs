@@ -75,6 +75,7 @@ pub struct ShardMetrics {
     pub lease_hits: Counter,
     pub leases_granted: Counter,
     pub auth_verifications: Counter,
+    pub auth_refreshes: Counter,
     pub auth_failures: Counter,
     pub auth_throttled: Counter,
     pub rate_limited: Counter,
@@ -102,6 +103,7 @@ impl ShardMetrics {
             lease_hits: Counter::default(),
             leases_granted: Counter::default(),
             auth_verifications: Counter::default(),
+            auth_refreshes: Counter::default(),
             auth_failures: Counter::default(),
             auth_throttled: Counter::default(),
             rate_limited: Counter::default(),
@@ -255,7 +257,7 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
             |m| m.handoffs.get() as i64,
         ),
     ];
-    let auth: [(&str, &str, &str, Read); 9] = [
+    let auth: [(&str, &str, &str, Read); 10] = [
         (
             "triggers_events_accepted_total",
             "counter",
@@ -291,6 +293,12 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
             "counter",
             "Key verifications run on the verifier pool, after coalescing.",
             |m| m.auth_verifications.get() as i64,
+        ),
+        (
+            "triggers_auth_refreshes_total",
+            "counter",
+            "Background re-reads of cached keys' rows late in their TTL (no Argon2).",
+            |m| m.auth_refreshes.get() as i64,
         ),
         (
             "triggers_auth_failures_total",

@@ -697,3 +697,50 @@ fn admitted_rate_matches_the_limit_over_time() {
         "demand {i} did not exceed the limit"
     );
 }
+
+#[test]
+fn keys_in_use_are_refreshed_without_argon2_and_revocation_still_lands() {
+    let db = fresh_database();
+    let s = TestServer::start(
+        Some(&db),
+        &settings(&["cores.shards=[0]", "auth.cache_ttl_seconds=2"]),
+    );
+    let key = generate_key(s.port, "Busy", "enterprise")["api_key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    // Four TTLs of steady use: one verification, then background re-reads.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(8) {
+        assert_eq!(get_keys(s.port, &key).status, 200);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let text = s.get("/metrics").text();
+    let count = |name: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    assert_eq!(count("triggers_auth_verifications_total"), 1, "{text}");
+    assert!(count("triggers_auth_refreshes_total") >= 3, "{text}");
+    // Revoked behind the server's back (no NOTIFY): the next refresh sees it.
+    let mut c = postgres::Client::connect(&db, postgres::NoTls).expect("connect");
+    let key_id = key.split('_').nth(1).expect("key id").to_string();
+    let n = c
+        .execute(
+            "UPDATE api_keys SET revoked_at = now() WHERE key_id = $1",
+            &[&key_id],
+        )
+        .expect("revoke");
+    assert_eq!(n, 1);
+    let revoked = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(4), || {
+            std::thread::sleep(Duration::from_millis(50));
+            get_keys(s.port, &key).status == 401
+        }),
+        "still accepted {:?} after the revocation",
+        revoked.elapsed()
+    );
+}

@@ -240,6 +240,11 @@ pub fn authenticated(
             ctx.metrics.auth_cache_hits.inc();
             admit(ctx, req, principal, cost, handler)
         }
+        Lookup::Stale(principal) => {
+            ctx.metrics.auth_cache_hits.inc();
+            refresh(ctx, presented.key_id);
+            admit(ctx, req, principal, cost, handler)
+        }
         Lookup::WrongSecret | Lookup::Unknown => {
             ctx.metrics.auth_cache_hits.inc();
             fail(ctx, peer, started, false)
@@ -470,9 +475,13 @@ pub fn serve_lease(ctx: &Rc<ShardCtx>, r: LeaseRequest) {
         .cache
         .borrow_mut()
         .lookup(&r.key_id, &r.digest, now);
+    let stale = matches!(lookup, Lookup::Stale(_));
     match lookup {
-        Lookup::Hit(principal) => {
+        Lookup::Hit(principal) | Lookup::Stale(principal) => {
             ctx.metrics.auth_cache_hits.inc();
+            if stale {
+                refresh(ctx, &r.key_id);
+            }
             let answer = grant(ctx, &principal, &r, now);
             let _ = r.reply.send(answer);
         }
@@ -619,6 +628,21 @@ fn load_and_verify(
     key_id: &str,
     secret: &str,
 ) -> Result<VerifyAnswer, StoreError> {
+    let Some((hash, principal, expires_in)) = load_key(client, key_id)? else {
+        return Ok(VerifyAnswer::Unknown);
+    };
+    if !key::verify_secret(secret, &hash) {
+        return Ok(VerifyAnswer::WrongSecret);
+    }
+    Ok(VerifyAnswer::Valid(principal, expires_in))
+}
+
+/// The row of a live (not revoked, not expired) key: its Argon2id hash, its
+/// organization and the time left until it expires.
+fn load_key(
+    client: &mut postgres::Client,
+    key_id: &str,
+) -> Result<Option<(String, Principal, Option<Duration>)>, StoreError> {
     let row = client.query_opt(
         &format!(
             "SELECT k.secret_hash, o.organization_id, o.name, o.tier,
@@ -633,16 +657,9 @@ fn load_and_verify(
         ),
         &[&key_id],
     )?;
-    let Some(row) = row else {
-        return Ok(VerifyAnswer::Unknown);
-    };
-    let hash: String = row.get(0);
-    if !key::verify_secret(secret, &hash) {
-        return Ok(VerifyAnswer::WrongSecret);
-    }
-    let expires_in: Option<f64> = row.get(4);
-    Ok(VerifyAnswer::Valid(
-        Principal {
+    Ok(row.map(|row| {
+        let expires_in: Option<f64> = row.get(4);
+        let principal = Principal {
             organization_id: row.get(1),
             organization_name: row.get(2),
             tier: row.get(3),
@@ -650,9 +667,46 @@ fn load_and_verify(
             created_at: row.get(5),
             updated_at: row.get(6),
             webhook_url: row.get(7),
-        },
-        expires_in.map(|s| Duration::from_secs_f64(s.max(0.0))),
-    ))
+        };
+        (
+            row.get(0),
+            principal,
+            expires_in.map(|s| Duration::from_secs_f64(s.max(0.0))),
+        )
+    }))
+}
+
+/// Re-reads a cached key's row in the background (a query worker, no
+/// Argon2: the entry's secret was verified); the entry stays usable
+/// meanwhile. A revoked or expired key leaves the cache.
+fn refresh(ctx: &Rc<ShardCtx>, key_id: &str) {
+    ctx.metrics.auth_refreshes.inc();
+    let id = key_id.to_string();
+    let job = ctx.shared.queries.submit(move |client| {
+        Ok(load_key(client, &id)?.map(|(_, principal, expires_in)| (principal, expires_in)))
+    });
+    let Ok(reply) = job else {
+        ctx.auth.cache.borrow_mut().refresh_failed(key_id);
+        return;
+    };
+    let c = ctx.clone();
+    let id = key_id.to_string();
+    (ctx.hooks.spawn)(Box::pin(async move {
+        let answer = reply.await;
+        let now = Instant::now();
+        let ttl = Duration::from_secs(c.shared.config.auth.cache_ttl_seconds);
+        let mut cache = c.auth.cache.borrow_mut();
+        match answer {
+            Ok(Ok(Some((principal, expires_in)))) => cache.refreshed(
+                Rc::new(principal),
+                now + ttl,
+                expires_in.map(|d| now + d),
+                now,
+            ),
+            Ok(Ok(None)) => cache.invalidate(&id),
+            _ => cache.refresh_failed(&id),
+        }
+    }));
 }
 
 /// Requests waiting on one verification, by (key id, digest of the presented secret).

@@ -27,6 +27,11 @@ struct Entry {
     digest: [u8; 32],
     /// Re-verify against the database after this (cache TTL).
     fresh_until: Instant,
+    /// From here on a hit also asks for a background re-read of the key's
+    /// row (no Argon2: the secret was verified), so a key in use never
+    /// reaches `fresh_until` and never stalls its requests on a verification.
+    refresh_at: Instant,
+    refreshing: Cell<bool>,
     /// The key stops working at this instant (rotation grace period).
     key_expires: Option<Instant>,
     last_used: Cell<Instant>,
@@ -34,11 +39,19 @@ struct Entry {
 
 pub enum Lookup {
     Hit(Rc<Principal>),
+    /// A hit whose entry is due for a refresh; the caller starts it (once:
+    /// later hits are plain until the refresh lands or fails).
+    Stale(Rc<Principal>),
     /// The key is known and the presented secret is not its secret.
     WrongSecret,
     /// The key id is known not to exist (negative entry).
     Unknown,
     Miss,
+}
+
+/// Four fifths of the way from `now` to `fresh_until`.
+fn refresh_point(now: Instant, fresh_until: Instant) -> Instant {
+    now + fresh_until.saturating_duration_since(now) * 4 / 5
 }
 
 pub struct KeyCache {
@@ -68,6 +81,10 @@ impl KeyCache {
                     return Lookup::WrongSecret;
                 }
                 e.last_used.set(now);
+                if e.refresh_at <= now && !e.refreshing.get() {
+                    e.refreshing.set(true);
+                    return Lookup::Stale(e.principal.clone());
+                }
                 return Lookup::Hit(e.principal.clone());
             }
             self.entries.remove(key_id);
@@ -110,6 +127,8 @@ impl KeyCache {
                 principal,
                 digest,
                 fresh_until,
+                refresh_at: refresh_point(now, fresh_until),
+                refreshing: Cell::new(false),
                 key_expires,
                 last_used: Cell::new(now),
             },
@@ -128,6 +147,32 @@ impl KeyCache {
             }
         }
         self.negative.insert(key_id.to_string(), until);
+    }
+
+    /// A background re-read of `key_id`'s row found it still valid: the
+    /// entry (its digest unchanged) is fresh again until `fresh_until`.
+    pub fn refreshed(
+        &mut self,
+        principal: Rc<Principal>,
+        fresh_until: Instant,
+        key_expires: Option<Instant>,
+        now: Instant,
+    ) {
+        if let Some(e) = self.entries.get_mut(&principal.key_id) {
+            e.principal = principal;
+            e.fresh_until = fresh_until;
+            e.refresh_at = refresh_point(now, fresh_until);
+            e.refreshing.set(false);
+            e.key_expires = key_expires;
+        }
+    }
+
+    /// A refresh could not run (the database did not answer): a later hit
+    /// tries again.
+    pub fn refresh_failed(&mut self, key_id: &str) {
+        if let Some(e) = self.entries.get(key_id) {
+            e.refreshing.set(false);
+        }
     }
 
     /// Until when the entry of `key_id` may be relied on (its cache TTL and
@@ -212,6 +257,33 @@ mod tests {
         c.insert(principal("k1"), [1; 32], later, None, now);
         c.invalidate("k1");
         assert!(matches!(c.lookup("k1", &[1; 32], now), Lookup::Miss));
+    }
+
+    #[test]
+    fn hits_late_in_the_ttl_ask_for_one_refresh() {
+        let mut c = KeyCache::new(10, 10);
+        let now = Instant::now();
+        let ttl = Duration::from_secs(60);
+        c.insert(principal("k1"), [1; 32], now + ttl, None, now);
+        assert!(matches!(
+            c.lookup("k1", &[1; 32], now + Duration::from_secs(47)),
+            Lookup::Hit(_)
+        ));
+        let late = now + Duration::from_secs(49);
+        assert!(matches!(c.lookup("k1", &[1; 32], late), Lookup::Stale(_)));
+        assert!(matches!(c.lookup("k1", &[1; 32], late), Lookup::Hit(_)));
+        c.refresh_failed("k1");
+        assert!(matches!(c.lookup("k1", &[1; 32], late), Lookup::Stale(_)));
+        c.refreshed(principal("k1"), late + ttl, None, late);
+        assert!(matches!(
+            c.lookup("k1", &[1; 32], now + ttl),
+            Lookup::Hit(_)
+        ));
+        assert!(matches!(
+            c.lookup("k1", &[2; 32], now + ttl),
+            Lookup::WrongSecret
+        ));
+        assert!(matches!(c.lookup("k1", &[1; 32], late + ttl), Lookup::Miss));
     }
 
     #[test]
