@@ -80,6 +80,8 @@ pub struct ShardMetrics {
     pub auth_throttled: Counter,
     pub rate_limited: Counter,
     pub events_accepted: Counter,
+    pub ack_batches: Counter,
+    pub acks_batched: Counter,
 }
 
 impl ShardMetrics {
@@ -108,6 +110,8 @@ impl ShardMetrics {
             auth_throttled: Counter::default(),
             rate_limited: Counter::default(),
             events_accepted: Counter::default(),
+            ack_batches: Counter::default(),
+            acks_batched: Counter::default(),
         }
     }
 
@@ -257,12 +261,24 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
             |m| m.handoffs.get() as i64,
         ),
     ];
-    let auth: [(&str, &str, &str, Read); 10] = [
+    let auth: [(&str, &str, &str, Read); 12] = [
         (
             "triggers_events_accepted_total",
             "counter",
             "Events handed to the persistence core.",
             |m| m.events_accepted.get() as i64,
+        ),
+        (
+            "triggers_ack_batches_total",
+            "counter",
+            "UPDATE statements that acknowledged a batch of single acks.",
+            |m| m.ack_batches.get() as i64,
+        ),
+        (
+            "triggers_acks_batched_total",
+            "counter",
+            "Single acks sent in those batches.",
+            |m| m.acks_batched.get() as i64,
         ),
         (
             "triggers_auth_cache_hits_total",

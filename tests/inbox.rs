@@ -406,3 +406,79 @@ fn cursor_walks_ten_thousand_events_exactly_once() {
     // Oldest first: batches in order; ids within a batch are minted in item order.
     assert_eq!(payloads, (0..10_000).collect::<Vec<i64>>());
 }
+
+#[test]
+fn concurrent_single_acks_share_batches() {
+    let db = fresh_database();
+    let s = TestServer::start(Some(&db), &settings(&["cores.shards=[0]"]));
+    let key = generate_key(s.port, "Acker", "enterprise")["api_key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    let other = generate_key(s.port, "Other", "enterprise")["api_key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    let ids: Vec<String> = (0..160)
+        .map(|i| post_event(s.port, &key, "ack.me", i))
+        .collect();
+    let foreign = post_event(s.port, &other, "not.yours", 0);
+    // 16 clients ack 10 events each, plus one unknown id and one of the
+    // other organization's events each, all at once.
+    let port = s.port;
+    let workers: Vec<_> = ids
+        .chunks(10)
+        .map(|chunk| {
+            let (chunk, key, foreign) = (chunk.to_vec(), key.clone(), foreign.clone());
+            std::thread::spawn(move || {
+                let mut answers = Vec::new();
+                let unknown = "0190aaaa-0000-7000-8000-000000000000".to_string();
+                for id in chunk.iter().chain([&unknown, &foreign]) {
+                    let r = call(
+                        port,
+                        "POST",
+                        &format!("/api/ack/{id}"),
+                        &[("X-API-Key", &key)],
+                        None,
+                    );
+                    answers.push((id.clone(), r));
+                }
+                answers
+            })
+        })
+        .collect();
+    for w in workers {
+        for (id, r) in w.join().expect("worker") {
+            if id.starts_with("0190aaaa") || id == foreign {
+                assert_eq!(r.status, 404, "{id}: {}", r.text());
+                continue;
+            }
+            assert_eq!(r.status, 200, "{id}: {}", r.text());
+            let v = r.json();
+            assert_eq!(v["id"].as_str(), Some(id.as_str()));
+            assert_eq!(v["status"], "delivered");
+            assert!(v["acknowledged_at"].is_string());
+        }
+    }
+    // Every event acknowledged exactly, the other organization's untouched.
+    let v = inbox(s.port, &key, "?status=delivered&limit=1000").json();
+    assert_eq!(v["events"].as_array().expect("events").len(), 160);
+    let v = inbox(s.port, &key, "").json();
+    assert_eq!(v["events"].as_array().expect("events").len(), 0);
+    assert_eq!(v["pagination"]["total_undelivered"], 0);
+    let v = inbox(s.port, &other, "").json();
+    assert_eq!(v["events"][0]["id"].as_str(), Some(foreign.as_str()));
+    let text = s.get("/metrics").text();
+    let count = |name: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    assert_eq!(count("triggers_acks_batched_total"), 192);
+    let batches = count("triggers_ack_batches_total");
+    assert!(
+        batches < 192,
+        "{batches} statements for 192 concurrent acks"
+    );
+}

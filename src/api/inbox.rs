@@ -286,7 +286,8 @@ fn ack_ids(
         .map_err(store_error)
 }
 
-/// `POST /api/ack/{id}` (and, with `no_content`, `DELETE /api/events/{id}`).
+/// `POST /api/ack/{id}` (and, with `no_content`, `DELETE /api/events/{id}`),
+/// batched with the shard's other single acks (`acks.rs`).
 fn ack_one(
     ctx: &Rc<ShardCtx>,
     req: &Request,
@@ -298,13 +299,13 @@ fn ack_one(
         Ok(id) => id,
         Err(e) => return Handled::Ready(Err(e)),
     };
-    let reply = match ack_ids(ctx, p.organization_id, vec![id]) {
+    let outcome = match super::acks::ack(ctx, p.organization_id, id) {
         Ok(r) => r,
         Err(e) => return Handled::Ready(Err(e)),
     };
     Handled::Pending(Box::pin(async move {
-        let rows = answer(reply).await?;
-        let Some((id, at)) = rows.into_iter().next() else {
+        let acked = outcome.await.map_err(|_| ApiError::internal())??;
+        let Some(at) = acked else {
             return Err(ApiError::not_found());
         };
         if no_content {

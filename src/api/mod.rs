@@ -7,6 +7,7 @@
 //! Where a request goes: [`route`] maps method and path to a [`Route`] and its
 //! handler; handlers live in one file per area (`ops.rs`, ...).
 
+mod acks;
 mod auth;
 mod body;
 mod error;
@@ -80,6 +81,8 @@ pub struct ShardCtx {
     pub idempotency_in_flight: std::cell::RefCell<std::collections::HashSet<(uuid::Uuid, String)>>,
     /// Every shard's lease queue, indexed by shard id (see `auth::lease`).
     pub lease_peers: std::cell::RefCell<Vec<LeaseSender>>,
+    /// Single acks waiting for (or in) their batch.
+    pub acks: acks::AckBatcher,
     /// Mints the ids of events accepted here.
     pub ids: std::cell::RefCell<crate::ids::IdMint>,
     origin: Instant,
@@ -109,6 +112,7 @@ impl ShardCtx {
             inbox_waiters: inbox::InboxWaiters::new(INBOX_WAITERS),
             idempotency_in_flight: Default::default(),
             lease_peers: std::cell::RefCell::new(lease_peers),
+            acks: Default::default(),
             ids: Default::default(),
             origin: Instant::now(),
             request_prefix: random,
