@@ -703,15 +703,17 @@ fn keys_in_use_are_refreshed_without_argon2_and_revocation_still_lands() {
     let db = fresh_database();
     let s = TestServer::start(
         Some(&db),
-        &settings(&["cores.shards=[0]", "auth.cache_ttl_seconds=2"]),
+        &settings(&["cores.shards=[0]", "auth.cache_ttl_seconds=3"]),
     );
     let key = generate_key(s.port, "Busy", "enterprise")["api_key"]
         .as_str()
         .expect("key")
         .to_string();
-    // Four TTLs of steady use: one verification, then background re-reads.
+    // Three TTLs of steady use: one verification, then background re-reads
+    // (each must answer within two fifths of the TTL, even on a loaded CI
+    // machine running a debug build).
     let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(8) {
+    while start.elapsed() < Duration::from_secs(9) {
         assert_eq!(get_keys(s.port, &key).status, 200);
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -723,7 +725,7 @@ fn keys_in_use_are_refreshed_without_argon2_and_revocation_still_lands() {
             .sum()
     };
     assert_eq!(count("triggers_auth_verifications_total"), 1, "{text}");
-    assert!(count("triggers_auth_refreshes_total") >= 3, "{text}");
+    assert!(count("triggers_auth_refreshes_total") >= 2, "{text}");
     // Revoked behind the server's back (no NOTIFY): the next refresh sees it.
     let mut c = postgres::Client::connect(&db, postgres::NoTls).expect("connect");
     let key_id = key.split('_').nth(1).expect("key id").to_string();
@@ -736,7 +738,7 @@ fn keys_in_use_are_refreshed_without_argon2_and_revocation_still_lands() {
     assert_eq!(n, 1);
     let revoked = Instant::now();
     assert!(
-        eventually(Duration::from_secs(4), || {
+        eventually(Duration::from_secs(6), || {
             std::thread::sleep(Duration::from_millis(50));
             get_keys(s.port, &key).status == 401
         }),

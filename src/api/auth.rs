@@ -1,16 +1,18 @@
-//! The authenticated part of the request path, on the owner shard of the
-//! key's routing slot: failure throttle per client address → key from
-//! `X-API-Key` or `Authorization: Bearer` → the shard's key cache → on a miss,
-//! one coalesced verification (database read and Argon2id) on the verifier
-//! pool → the organization's rate limit → the handler. Every response after
-//! the rate limit carries the rate-limit headers.
+//! The authenticated part of the request path: failure throttle per client
+//! address → key from `X-API-Key` or `Authorization: Bearer` → on the key's
+//! owner shard, the shard's key cache (on a miss, one coalesced verification
+//! — database read and Argon2id — on the verifier pool) and the
+//! organization's rate limit; on any other shard, a lease from the owner
+//! (`leases.rs`) → the handler. Every response after the rate limit carries
+//! the rate-limit headers.
 //!
 //! No timing oracle: every 401 (missing, malformed, unknown, wrong secret,
 //! revoked) is held until `auth.failure_delay_ms` after the request started,
 //! on a timer. Unknown key ids never cost an Argon2 run.
 
+use super::leases::{borrow, Ask, Askers, Borrowed};
 use super::{ApiError, Handled, ShardCtx};
-use crate::auth::lease::{lease_size, LeaseAnswer, LeaseRequest, LeaseTable, LeaseUse, LEASE_TTL};
+use crate::auth::lease::{LeaseTable, LeaseUse};
 use crate::auth::{key, Lookup, Principal};
 use crate::http::{Request, Response};
 use crate::limit::Decision;
@@ -340,211 +342,8 @@ fn limited(ctx: &ShardCtx, d: &Decision) -> Result<Response, ApiError> {
     with_rate(Err(e), d)
 }
 
-/// A request for a key another shard owns, needing a lease.
-struct Ask {
-    owner: usize,
-    key_id: String,
-    secret: String,
-    digest: [u8; 32],
-    cost: u64,
-    refund: u64,
-}
-
-/// What asking the owner concluded, for the asker and for the requests
-/// that joined its ask.
-#[derive(Clone)]
-pub enum Borrowed {
-    /// The asker's request is admitted with this decision.
-    Admitted(Rc<Principal>, Decision),
-    /// (To joined requests) a lease is installed: spend from it.
-    Granted,
-    Limited(Decision),
-    Unauthorized,
-    Unavailable,
-    Overloaded,
-}
-
-/// Gets `ask.cost` requests of a lease of `ask.key_id` from its owner shard,
-/// joining an ask already in flight for the same key and secret.
-async fn borrow(ctx: &Rc<ShardCtx>, mut ask: Ask) -> Borrowed {
-    for _ in 0..4 {
-        let slot = (ask.key_id.clone(), ask.digest);
-        let joined = {
-            let mut asking = ctx.auth.asking.borrow_mut();
-            match asking.get_mut(&slot) {
-                Some(waiters) => {
-                    let (tx, rx) = oneshot::channel();
-                    waiters.push(tx);
-                    Some(rx)
-                }
-                None => {
-                    asking.insert(slot.clone(), Vec::new());
-                    None
-                }
-            }
-        };
-        let outcome = match joined {
-            Some(rx) => rx.await.unwrap_or(Borrowed::Unavailable),
-            None => {
-                let outcome = ask_owner(ctx, &ask).await;
-                let waiters = ctx.auth.asking.borrow_mut().remove(&slot);
-                let shared = match &outcome {
-                    Borrowed::Admitted(..) => Borrowed::Granted,
-                    other => other.clone(),
-                };
-                for w in waiters.unwrap_or_default() {
-                    let _ = w.send(shared.clone());
-                }
-                return outcome;
-            }
-        };
-        if !matches!(outcome, Borrowed::Granted) {
-            return outcome;
-        }
-        let leased =
-            ctx.auth
-                .leases
-                .borrow_mut()
-                .spend(&ask.key_id, &ask.digest, ask.cost, Instant::now());
-        match leased {
-            LeaseUse::Spent(principal, d) => {
-                ctx.metrics.lease_hits.inc();
-                return Borrowed::Admitted(principal, d);
-            }
-            LeaseUse::WrongSecret => return Borrowed::Unauthorized,
-            LeaseUse::Ask { refund } => ask.refund = refund,
-        }
-    }
-    Borrowed::Overloaded
-}
-
-/// One lease request to the owner shard; installs what it grants, less
-/// the asker's own cost.
-async fn ask_owner(ctx: &Rc<ShardCtx>, ask: &Ask) -> Borrowed {
-    let (tx, rx) = oneshot::channel();
-    let request = LeaseRequest {
-        key_id: ask.key_id.clone(),
-        secret: ask.secret.clone(),
-        digest: ask.digest,
-        cost: ask.cost,
-        refund: ask.refund,
-        reply: tx,
-    };
-    let sent = match ctx.lease_peers.borrow_mut().get_mut(ask.owner) {
-        Some(peer) => peer.try_send(request).is_ok(),
-        None => false,
-    };
-    if !sent {
-        return Borrowed::Overloaded;
-    }
-    ctx.metrics.cross_shard_messages.inc();
-    match rx.await {
-        Ok(LeaseAnswer::Granted {
-            principal,
-            tokens,
-            decision,
-            expires,
-        }) => {
-            let principal = Rc::new(principal);
-            let left = tokens.saturating_sub(ask.cost);
-            ctx.auth.leases.borrow_mut().install(
-                principal.clone(),
-                ask.digest,
-                left,
-                decision,
-                expires,
-                Instant::now(),
-            );
-            let mut d = decision;
-            d.remaining = d.remaining.saturating_add(left);
-            Borrowed::Admitted(principal, d)
-        }
-        Ok(LeaseAnswer::Limited(d)) => Borrowed::Limited(d),
-        Ok(LeaseAnswer::Unauthorized) => Borrowed::Unauthorized,
-        Ok(LeaseAnswer::Overloaded) => Borrowed::Overloaded,
-        Ok(LeaseAnswer::Unavailable) | Err(_) => Borrowed::Unavailable,
-    }
-}
-
-/// On the owner shard: answers another shard's lease request from the key
-/// cache (verifying the key first on a miss) and the organization's limit.
-pub fn serve_lease(ctx: &Rc<ShardCtx>, r: LeaseRequest) {
-    let now = Instant::now();
-    let lookup = ctx
-        .auth
-        .cache
-        .borrow_mut()
-        .lookup(&r.key_id, &r.digest, now);
-    let stale = matches!(lookup, Lookup::Stale(_));
-    match lookup {
-        Lookup::Hit(principal) | Lookup::Stale(principal) => {
-            ctx.metrics.auth_cache_hits.inc();
-            if stale {
-                refresh(ctx, &r.key_id);
-            }
-            let answer = grant(ctx, &principal, &r, now);
-            let _ = r.reply.send(answer);
-        }
-        Lookup::WrongSecret | Lookup::Unknown => {
-            ctx.metrics.auth_cache_hits.inc();
-            let _ = r.reply.send(LeaseAnswer::Unauthorized);
-        }
-        Lookup::Miss => {
-            ctx.metrics.auth_cache_misses.inc();
-            let waiter = match verify(ctx, &r.key_id, &r.secret, r.digest) {
-                Ok(w) => w,
-                Err(_) => {
-                    let _ = r.reply.send(LeaseAnswer::Overloaded);
-                    return;
-                }
-            };
-            let c = ctx.clone();
-            (ctx.hooks.spawn)(Box::pin(async move {
-                let answer = match waiter.await.unwrap_or(Verified::Unavailable) {
-                    Verified::Valid(principal) => grant(&c, &principal, &r, Instant::now()),
-                    Verified::Unauthorized => LeaseAnswer::Unauthorized,
-                    Verified::Unavailable => LeaseAnswer::Unavailable,
-                };
-                let _ = r.reply.send(answer);
-            }));
-        }
-    }
-}
-
-/// Charges a lease's worth of `principal`'s quota (after taking back the
-/// asker's unused tokens) and describes it.
-fn grant(
-    ctx: &Rc<ShardCtx>,
-    principal: &Rc<Principal>,
-    r: &LeaseRequest,
-    now: Instant,
-) -> LeaseAnswer {
-    let limit = limit_for_tier(ctx, &principal.tier);
-    let org = principal.organization_id;
-    let now_ns = ctx.now_ns();
-    let (d, tokens) = {
-        let mut limiter = ctx.auth.limiter.borrow_mut();
-        if r.refund > 0 {
-            limiter.refund(org, limit, r.refund, now_ns);
-        }
-        limiter.grant(org, limit, r.cost, lease_size(limit).max(r.cost), now_ns)
-    };
-    if tokens == 0 {
-        return LeaseAnswer::Limited(d);
-    }
-    ctx.metrics.leases_granted.inc();
-    let valid = ctx.auth.cache.borrow().valid_until(&r.key_id);
-    let expires = valid.map_or(now + LEASE_TTL, |v| v.min(now + LEASE_TTL));
-    LeaseAnswer::Granted {
-        principal: (**principal).clone(),
-        tokens,
-        decision: d,
-        expires,
-    }
-}
-
 /// Joins (or starts) the verification of (key id, secret digest).
-fn verify(
+pub(super) fn verify(
     ctx: &Rc<ShardCtx>,
     key_id: &str,
     secret: &str,
@@ -679,7 +478,7 @@ fn load_key(
 /// Re-reads a cached key's row in the background (a query worker, no
 /// Argon2: the entry's secret was verified); the entry stays usable
 /// meanwhile. A revoked or expired key leaves the cache.
-fn refresh(ctx: &Rc<ShardCtx>, key_id: &str) {
+pub(super) fn refresh(ctx: &Rc<ShardCtx>, key_id: &str) {
     ctx.metrics.auth_refreshes.inc();
     let id = key_id.to_string();
     let job = ctx.shared.queries.submit(move |client| {
@@ -711,9 +510,6 @@ fn refresh(ctx: &Rc<ShardCtx>, key_id: &str) {
 
 /// Requests waiting on one verification, by (key id, digest of the presented secret).
 pub type Waiters = HashMap<(String, [u8; 32]), Vec<oneshot::Sender<Verified>>, ahash::RandomState>;
-
-/// Requests waiting on one lease ask, by (key id, digest of the presented secret).
-pub type Askers = HashMap<(String, [u8; 32]), Vec<oneshot::Sender<Borrowed>>, ahash::RandomState>;
 
 /// Shard-owned authentication state.
 pub struct AuthState {

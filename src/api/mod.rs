@@ -14,9 +14,11 @@ mod error;
 mod events;
 mod inbox;
 mod keys;
+mod leases;
 mod ops;
 
-pub use auth::{serve_lease, AuthState, EngineHooks};
+pub use auth::{AuthState, EngineHooks};
+pub use leases::serve_lease;
 
 /// The sending end of a shard's lease queue.
 pub type LeaseSender = futures::channel::mpsc::Sender<crate::auth::lease::LeaseRequest>;

@@ -32,6 +32,10 @@ struct Entry {
     /// reaches `fresh_until` and never stalls its requests on a verification.
     refresh_at: Instant,
     refreshing: Cell<bool>,
+    /// While a refresh is in flight the entry stays usable up to here
+    /// (another fifth of the TTL), so a slow database at refresh time does
+    /// not turn into a burst of Argon2 verifications.
+    stale_until: Instant,
     /// The key stops working at this instant (rotation grace period).
     key_expires: Option<Instant>,
     last_used: Cell<Instant>,
@@ -52,6 +56,11 @@ pub enum Lookup {
 /// Four fifths of the way from `now` to `fresh_until`.
 fn refresh_point(now: Instant, fresh_until: Instant) -> Instant {
     now + fresh_until.saturating_duration_since(now) * 4 / 5
+}
+
+/// A fifth of the TTL past `fresh_until`.
+fn stale_point(now: Instant, fresh_until: Instant) -> Instant {
+    fresh_until + fresh_until.saturating_duration_since(now) / 5
 }
 
 pub struct KeyCache {
@@ -76,7 +85,8 @@ impl KeyCache {
     pub fn lookup(&mut self, key_id: &str, digest: &[u8; 32], now: Instant) -> Lookup {
         if let Some(e) = self.entries.get(key_id) {
             let expired = e.key_expires.is_some_and(|t| t <= now);
-            if e.fresh_until > now && !expired {
+            let fresh = e.fresh_until > now || (e.refreshing.get() && e.stale_until > now);
+            if fresh && !expired {
                 if !crate::api::constant_time_eq(&e.digest, digest) {
                     return Lookup::WrongSecret;
                 }
@@ -129,6 +139,7 @@ impl KeyCache {
                 fresh_until,
                 refresh_at: refresh_point(now, fresh_until),
                 refreshing: Cell::new(false),
+                stale_until: stale_point(now, fresh_until),
                 key_expires,
                 last_used: Cell::new(now),
             },
@@ -162,6 +173,7 @@ impl KeyCache {
             e.principal = principal;
             e.fresh_until = fresh_until;
             e.refresh_at = refresh_point(now, fresh_until);
+            e.stale_until = stale_point(now, fresh_until);
             e.refreshing.set(false);
             e.key_expires = key_expires;
         }
@@ -274,6 +286,9 @@ mod tests {
         assert!(matches!(c.lookup("k1", &[1; 32], late), Lookup::Hit(_)));
         c.refresh_failed("k1");
         assert!(matches!(c.lookup("k1", &[1; 32], late), Lookup::Stale(_)));
+        // The refresh is slow: the entry holds a fifth of the TTL longer.
+        let overdue = now + Duration::from_secs(70);
+        assert!(matches!(c.lookup("k1", &[1; 32], overdue), Lookup::Hit(_)));
         c.refreshed(principal("k1"), late + ttl, None, late);
         assert!(matches!(
             c.lookup("k1", &[1; 32], now + ttl),
