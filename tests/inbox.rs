@@ -469,12 +469,7 @@ fn concurrent_single_acks_share_batches() {
     let v = inbox(s.port, &other, "").json();
     assert_eq!(v["events"][0]["id"].as_str(), Some(foreign.as_str()));
     let text = s.get("/metrics").text();
-    let count = |name: &str| -> u64 {
-        text.lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum()
-    };
+    let count = |name: &str| metric_sum(&text, name);
     assert_eq!(count("triggers_acks_batched_total"), 192);
     let batches = count("triggers_ack_batches_total");
     assert!(

@@ -133,10 +133,6 @@ fn every_request_is_answered_under_connection_churn() {
         assert_eq!(r.expect("health after churn").status, 200);
     }
     let metrics = s.get("/metrics").text();
-    let handed: u64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("triggers_connection_handoffs_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum();
+    let handed = metric_sum(&metrics, "triggers_connection_handoffs_total{");
     assert!(handed > 10, "the churn never crossed shards:\n{metrics}");
 }

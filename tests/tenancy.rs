@@ -394,14 +394,6 @@ fn failed_authentications_are_throttled_per_address() {
         .contains("triggers_auth_throttled_total{shard=\"0\",core=\"0\"} 2"));
 }
 
-/// Sums the metric lines that start with `prefix`.
-fn metric_sum(text: &str, prefix: &str) -> u64 {
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
-
 #[test]
 fn keys_are_served_on_every_shard_by_leases() {
     let db = fresh_database();
@@ -718,12 +710,7 @@ fn keys_in_use_are_refreshed_without_argon2_and_revocation_still_lands() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let text = s.get("/metrics").text();
-    let count = |name: &str| -> u64 {
-        text.lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum()
-    };
+    let count = |name: &str| metric_sum(&text, name);
     assert_eq!(count("triggers_auth_verifications_total"), 1, "{text}");
     assert!(count("triggers_auth_refreshes_total") >= 2, "{text}");
     // Revoked behind the server's back (no NOTIFY): the next refresh sees it.

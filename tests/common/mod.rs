@@ -415,3 +415,11 @@ pub fn settings<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     s.extend_from_slice(extra);
     s
 }
+
+/// Sums the metric lines that start with `prefix`.
+pub fn metric_sum(text: &str, prefix: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
