@@ -200,3 +200,34 @@ fn readiness_follows_the_database_without_a_restart() {
         s.log_text()
     );
 }
+
+#[test]
+fn sigterm_with_idle_keep_alive_connections_stops_promptly() {
+    use std::io::Write;
+    let db = fresh_database();
+    let mut s = TestServer::start(Some(&db), &settings(&["cores.shards=[0, 1]"]));
+    // Keep-alive connections on both shards, answered and then idle.
+    let mut idle: Vec<_> = (0..8)
+        .map(|_| {
+            let mut c = connect(s.port);
+            c.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+                .expect("write");
+            assert_eq!(read_responses(&mut c, 1)[0].status, 200);
+            c
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let status = s
+        .terminate(Duration::from_secs(15))
+        .expect("the server stops although clients keep idle connections open");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    // The server closed them.
+    for c in &mut idle {
+        assert!(closed_by_server(c));
+    }
+}

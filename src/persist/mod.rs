@@ -159,6 +159,9 @@ pub struct PersistenceCore {
     pub completions: Vec<Option<mpsc::UnboundedReceiver<Completions>>>,
     pub stats: Arc<PersistStats>,
     writers: Vec<JoinHandle<()>>,
+    /// Set by `stop`: writers exit once the rings are empty, even if a ring
+    /// sender outlives the shards (a task the executor never dropped).
+    stopping: Arc<AtomicBool>,
 }
 
 pub struct Settings {
@@ -181,10 +184,12 @@ impl PersistenceCore {
             .unzip();
         let stats = Arc::new(PersistStats::default());
         stats.healthy.store(true, Ordering::Relaxed);
+        let stopping = Arc::new(AtomicBool::new(false));
         debug_assert!(s.writers >= 1);
         let writers = (0..s.writers.max(1))
             .map(|i| {
                 let st = stats.clone();
+                let stop = stopping.clone();
                 let rxs = rxs.clone();
                 let done_txs = done_txs.clone();
                 let db = s.db.clone();
@@ -195,7 +200,8 @@ impl PersistenceCore {
                         if let Some(core) = core {
                             crate::topology::pin_current_thread(core, true);
                         }
-                        run(rxs, &done_txs, db, max_batch, commit_timeout, &st);
+                        let limits = (max_batch, commit_timeout);
+                        run(rxs, &done_txs, db, limits, &st, &stop);
                     })
                     .expect("spawn a persistence writer thread")
             })
@@ -209,25 +215,31 @@ impl PersistenceCore {
             completions: done_rxs.into_iter().map(Some).collect(),
             stats,
             writers,
+            stopping,
         }
     }
 
-    /// Stops after the rings drain (every queued event is committed or answered).
+    /// Stops after the rings drain (every queued event is committed or
+    /// answered). Call it after the shards have stopped.
     pub fn stop(mut self) {
         self.rings.clear();
+        self.stopping.store(true, Ordering::Release);
         for h in self.writers.drain(..) {
             let _ = h.join();
         }
     }
 }
 
+/// How often an idle writer checks whether it is asked to stop.
+const STOP_CHECK: Duration = Duration::from_millis(50);
+
 fn run(
     rxs: Vec<Receiver<IngestItem>>,
     done: &[mpsc::UnboundedSender<Completions>],
     db: DbSettings,
-    max_batch: usize,
-    commit_timeout: Duration,
+    (max_batch, commit_timeout): (usize, Duration),
     stats: &PersistStats,
+    stopping: &AtomicBool,
 ) {
     let mut client: Option<Conn> = None;
     let mut batch: Vec<IngestItem> = Vec::with_capacity(max_batch);
@@ -242,7 +254,16 @@ fn run(
                 sel.recv(rx);
             }
         }
-        let op = sel.select();
+        let op = match sel.select_timeout(STOP_CHECK) {
+            Ok(op) => op,
+            Err(_) => {
+                // Idle: stop once asked and every ring is empty.
+                if stopping.load(Ordering::Acquire) && rxs.iter().all(|rx| rx.is_empty()) {
+                    return;
+                }
+                continue;
+            }
+        };
         let live: Vec<usize> = (0..rxs.len()).filter(|&i| !closed[i]).collect();
         let idx = live[op.index()];
         let mut rows = 0usize;

@@ -151,6 +151,14 @@ pub async fn serve(
         }
         None => (None, None),
     };
+    struct Serving(Rc<Links>, std::os::fd::RawFd);
+    impl Drop for Serving {
+        fn drop(&mut self) {
+            self.0.ended(self.1);
+        }
+    }
+    links.serving(stream.as_raw_fd());
+    let _serving = Serving(links.clone(), stream.as_raw_fd());
     let end = {
         let _open = Open::new(ctx.clone());
         run(&mut stream, &ctx, &links, handed, &mut armed).await

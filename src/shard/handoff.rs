@@ -27,16 +27,50 @@ pub struct Handoff {
     pub done: oneshot::Sender<()>,
 }
 
-/// The senders to every shard's handoff inbox, owned by one shard.
+/// One shard's links: the senders to every shard's handoff inbox, and the
+/// connections this shard serves right now (so shutdown can close idle
+/// keep-alive connections instead of leaving their tasks, and the shard
+/// context they hold, behind).
 pub struct Links {
     peers: RefCell<Vec<mpsc::Sender<Handoff>>>,
+    open: RefCell<std::collections::HashSet<std::os::fd::RawFd>>,
+    tasks: std::cell::Cell<usize>,
 }
 
 impl Links {
     pub fn new(peers: Vec<mpsc::Sender<Handoff>>) -> Rc<Links> {
         Rc::new(Links {
             peers: RefCell::new(peers),
+            open: Default::default(),
+            tasks: Default::default(),
         })
+    }
+
+    /// A connection task starts serving `fd`.
+    pub fn serving(&self, fd: std::os::fd::RawFd) {
+        self.open.borrow_mut().insert(fd);
+        self.tasks.set(self.tasks.get() + 1);
+    }
+
+    /// That task ended (it no longer reads `fd`).
+    pub fn ended(&self, fd: std::os::fd::RawFd) {
+        self.open.borrow_mut().remove(&fd);
+        self.tasks.set(self.tasks.get().saturating_sub(1));
+    }
+
+    /// Connection tasks still running.
+    pub fn tasks(&self) -> usize {
+        self.tasks.get()
+    }
+
+    /// Shuts every served socket down: idle connections see the end of the
+    /// stream and their tasks finish.
+    pub fn shut_all(&self) {
+        for &fd in self.open.borrow().iter() {
+            // SAFETY: `fd` is a socket a live connection task owns; shutdown
+            // does not close it.
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        }
     }
 
     /// Queues `h` for `shard` without waiting; gives it back when the inbox is full.

@@ -279,7 +279,7 @@ async fn run_shard(
         return;
     };
     let accept = match glommio::spawn_local_into(
-        accept_loop(listener, listen_fd, ctx.clone(), links, queue),
+        accept_loop(listener, listen_fd, ctx.clone(), links.clone(), queue),
         queue,
     ) {
         Ok(task) => task,
@@ -297,6 +297,14 @@ async fn run_shard(
     drop(invalidation);
     let deadline = Instant::now() + grace;
     while ctx.in_flight.get() > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+    // Idle keep-alive connections end now: their tasks hold the shard's
+    // context (and through it the persistence rings and the query pool),
+    // and a task still pending when the executor ends is never dropped.
+    links.shut_all();
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while links.tasks() > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
     if ctx.in_flight.get() > 0 {
