@@ -36,14 +36,8 @@ fn inbox_pages_filters_and_acknowledgements() {
         Some(&db),
         &settings(&["cores.shards=[0, 1]", "limits.enterprise=1000000"]),
     );
-    let key = generate_key(s.port, "Consumer", "enterprise")["api_key"]
-        .as_str()
-        .expect("key")
-        .to_string();
-    let other = generate_key(s.port, "Other", "enterprise")["api_key"]
-        .as_str()
-        .expect("key")
-        .to_string();
+    let key = new_api_key(s.port, "Consumer", "enterprise");
+    let other = new_api_key(s.port, "Other", "enterprise");
     let mut ids = Vec::new();
     for i in 0..25 {
         ids.push(post_event(
@@ -216,10 +210,7 @@ fn inbox_pages_filters_and_acknowledgements() {
 fn bad_inbox_and_ack_input_is_named() {
     let db = fresh_database();
     let s = TestServer::start(Some(&db), &settings(&["cores.shards=[0]"]));
-    let key = generate_key(s.port, "Picky", "pro")["api_key"]
-        .as_str()
-        .expect("key")
-        .to_string();
+    let key = new_api_key(s.port, "Picky", "pro");
     for (query, param) in [
         ("?status=done", "status"),
         ("?limit=0", "limit"),
@@ -297,10 +288,7 @@ fn bad_inbox_and_ack_input_is_named() {
 fn long_poll_is_woken_by_commits() {
     let db = fresh_database();
     let s = TestServer::start(Some(&db), &settings(&["cores.shards=[0, 1]"]));
-    let key = generate_key(s.port, "Waiter", "pro")["api_key"]
-        .as_str()
-        .expect("key")
-        .to_string();
+    let key = new_api_key(s.port, "Waiter", "pro");
 
     // Nothing arrives: the request returns empty after the wait.
     let start = std::time::Instant::now();
@@ -363,10 +351,7 @@ fn cursor_walks_ten_thousand_events_exactly_once() {
         Some(&db),
         &settings(&["cores.shards=[0]", "limits.enterprise=100000000"]),
     );
-    let key = generate_key(s.port, "Walker", "enterprise")["api_key"]
-        .as_str()
-        .expect("key")
-        .to_string();
+    let key = new_api_key(s.port, "Walker", "enterprise");
     for b in 0..10 {
         let items: Vec<String> = (0..1000)
             .map(|i| format!(r#"{{"type":"walk","payload":{}}}"#, b * 1000 + i))
@@ -411,14 +396,8 @@ fn cursor_walks_ten_thousand_events_exactly_once() {
 fn concurrent_single_acks_share_batches() {
     let db = fresh_database();
     let s = TestServer::start(Some(&db), &settings(&["cores.shards=[0]"]));
-    let key = generate_key(s.port, "Acker", "enterprise")["api_key"]
-        .as_str()
-        .expect("key")
-        .to_string();
-    let other = generate_key(s.port, "Other", "enterprise")["api_key"]
-        .as_str()
-        .expect("key")
-        .to_string();
+    let key = new_api_key(s.port, "Acker", "enterprise");
+    let other = new_api_key(s.port, "Other", "enterprise");
     let ids: Vec<String> = (0..160)
         .map(|i| post_event(s.port, &key, "ack.me", i))
         .collect();

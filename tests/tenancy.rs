@@ -295,10 +295,7 @@ fn revocation_reaches_another_process_within_a_second() {
         Some(&db),
         &settings(&["cores.shards=[1]", "auth.cache_ttl_seconds=3600"]),
     );
-    let k1 = generate_key(a.port, "Shared", "free")["api_key"]
-        .as_str()
-        .expect("key")
-        .to_string();
+    let k1 = new_api_key(a.port, "Shared", "free");
     assert_eq!(get_keys(b.port, &k1).status, 200, "B caches the key");
     assert_eq!(get_keys(b.port, &k1).status, 200);
     let r = call(
@@ -327,10 +324,7 @@ fn rate_limit_is_exact_across_two_shards() {
         Some(&db),
         &settings(&["cores.shards=[0, 1]", "limits.free=40"]),
     );
-    let key = generate_key(s.port, "Limited", "free")["api_key"]
-        .as_str()
-        .expect("key")
-        .to_string();
+    let key = new_api_key(s.port, "Limited", "free");
     // New connections land on both shards; every request is settled by the owner.
     let mut allowed = 0;
     let mut limited = None;
@@ -375,10 +369,7 @@ fn failed_authentications_are_throttled_per_address() {
             "auth.failure_delay_ms=10",
         ]),
     );
-    let key = generate_key(s.port, "Victim", "free")["api_key"]
-        .as_str()
-        .expect("key")
-        .to_string();
+    let key = new_api_key(s.port, "Victim", "free");
     for _ in 0..5 {
         assert_eq!(get_keys(s.port, "zt_nope").status, 401);
     }
@@ -399,12 +390,7 @@ fn keys_are_served_on_every_shard_by_leases() {
     let db = fresh_database();
     let s = TestServer::start(Some(&db), &settings(&["cores.shards=[0, 1]"]));
     let keys: Vec<String> = (0..6)
-        .map(|i| {
-            generate_key(s.port, &format!("Org {i}"), "enterprise")["api_key"]
-                .as_str()
-                .expect("key")
-                .to_string()
-        })
+        .map(|i| new_api_key(s.port, &format!("Org {i}"), "enterprise"))
         .collect();
     let mut requests = 0;
     for key in &keys {
@@ -469,10 +455,7 @@ fn rotation_with_leases_on_the_other_shard() {
     let db = fresh_database();
     let s = TestServer::start(Some(&db), &settings(&["cores.shards=[0, 1]"]));
     for round in 0..3 {
-        let key = generate_key(s.port, &format!("Rot {round}"), "enterprise")["api_key"]
-            .as_str()
-            .expect("key")
-            .to_string();
+        let key = new_api_key(s.port, &format!("Rot {round}"), "enterprise");
         // New connections spread over both shards: leases on the other one.
         for _ in 0..8 {
             assert_eq!(get_keys(s.port, &key).status, 200);
@@ -503,10 +486,7 @@ fn secrets_never_reach_the_log() {
     );
     let mut secrets = Vec::new();
     for i in 0..3 {
-        let k = generate_key(s.port, &format!("Secretive {i}"), "pro")["api_key"]
-            .as_str()
-            .expect("key")
-            .to_string();
+        let k = new_api_key(s.port, &format!("Secretive {i}"), "pro");
         assert_eq!(get_keys(s.port, &k).status, 200);
         let r = call(
             s.port,
@@ -560,10 +540,7 @@ fn a_flood_of_random_keys_leaves_legitimate_clients_served() {
             "limits.enterprise=1000000",
         ]),
     );
-    let key = generate_key(s.port, "Legit", "enterprise")["api_key"]
-        .as_str()
-        .expect("key")
-        .to_string();
+    let key = new_api_key(s.port, "Legit", "enterprise");
     assert_eq!(get_keys(s.port, &key).status, 200);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let port = s.port;
@@ -643,10 +620,7 @@ fn admitted_rate_matches_the_limit_over_time() {
         Some(&db),
         &settings(&["cores.shards=[0, 1]", "limits.pro=1200"]),
     );
-    let key = generate_key(s.port, "Steady", "pro")["api_key"]
-        .as_str()
-        .expect("key")
-        .to_string();
+    let key = new_api_key(s.port, "Steady", "pro");
     let one = format!("GET /api/keys HTTP/1.1\r\nX-API-Key: {key}\r\n\r\n");
     let mut conns: Vec<_> = (0..8).map(|_| connect(s.port)).collect();
     // Drain the burst.
@@ -697,10 +671,7 @@ fn keys_in_use_are_refreshed_without_argon2_and_revocation_still_lands() {
         Some(&db),
         &settings(&["cores.shards=[0]", "auth.cache_ttl_seconds=3"]),
     );
-    let key = generate_key(s.port, "Busy", "enterprise")["api_key"]
-        .as_str()
-        .expect("key")
-        .to_string();
+    let key = new_api_key(s.port, "Busy", "enterprise");
     // Three TTLs of steady use: one verification, then background re-reads
     // (each must answer within two fifths of the TTL, even on a loaded CI
     // machine running a debug build).

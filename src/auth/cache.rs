@@ -222,12 +222,13 @@ impl KeyCache {
     }
 }
 
+/// A principal for unit tests (here and in `lease.rs`).
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
+pub(crate) mod tests_support {
+    use super::Principal;
+    use std::rc::Rc;
 
-    fn principal(key_id: &str) -> Rc<Principal> {
+    pub fn principal(key_id: &str) -> Rc<Principal> {
         Rc::new(Principal {
             organization_id: uuid::Uuid::new_v4(),
             organization_name: "o".into(),
@@ -238,6 +239,14 @@ mod tests {
             webhook_url: None,
         })
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    use super::tests_support::principal;
 
     #[test]
     fn hit_wrong_secret_expiry_and_negative() {

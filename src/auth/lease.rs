@@ -173,17 +173,7 @@ impl LeaseTable {
 mod tests {
     use super::*;
 
-    fn principal(key_id: &str) -> Rc<Principal> {
-        Rc::new(Principal {
-            organization_id: uuid::Uuid::new_v4(),
-            organization_name: "o".into(),
-            tier: "free".into(),
-            key_id: key_id.into(),
-            created_at: String::new(),
-            updated_at: String::new(),
-            webhook_url: None,
-        })
-    }
+    use crate::auth::cache::tests_support::principal;
 
     fn decision(remaining: u64) -> Decision {
         Decision {

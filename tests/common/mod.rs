@@ -406,6 +406,14 @@ pub fn generate_key(port: u16, name: &str, tier: &str) -> serde_json::Value {
     r.json()
 }
 
+/// A new organization's API key.
+pub fn new_api_key(port: u16, name: &str, tier: &str) -> String {
+    generate_key(port, name, tier)["api_key"]
+        .as_str()
+        .expect("api_key")
+        .to_string()
+}
+
 /// Small Argon2 parameters so tests run fast in debug builds.
 pub const FAST_ARGON2: [&str; 2] = ["auth.argon2_memory_kib=1024", "auth.argon2_iterations=1"];
 
