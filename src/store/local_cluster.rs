@@ -126,9 +126,29 @@ impl LocalCluster {
             log::warn!("embedded PostgreSQL was left running (crash?); restarting it");
             self.pg_ctl_stop()?;
         }
-        if self.port == 0 {
-            self.port = free_port()?;
+        // A port picked here can be taken by another socket before PostgreSQL
+        // binds it; that failure is retried on a fresh port. A port given by
+        // the caller (a restart) is kept.
+        let fresh = self.port == 0;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            if fresh {
+                self.port = free_port()?;
+            }
+            match self.pg_ctl_start() {
+                Err(e) if fresh && attempt < 3 && e.to_string().contains("already in use") => {
+                    log::warn!("embedded PostgreSQL port {} was taken; retrying", self.port);
+                }
+                other => break other?,
+            }
         }
+        self.running = true;
+        self.ensure_database()?;
+        Ok(())
+    }
+
+    fn pg_ctl_start(&self) -> Result<(), ClusterError> {
         let conf = self.pgdata.join("triggers.conf");
         write_private(&conf, &format!("port = {}\n", self.port), self.run_as)?;
         let log_file = self.pgdata.join("server.log");
@@ -162,8 +182,6 @@ impl LocalCluster {
                 String::from_utf8_lossy(&out.stderr)
             )));
         }
-        self.running = true;
-        self.ensure_database()?;
         Ok(())
     }
 

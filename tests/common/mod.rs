@@ -81,27 +81,41 @@ pub fn fresh_database() -> String {
     shared.cluster.url(&name)
 }
 
-/// A port no other server of this test process was given. Ports from
-/// `bind(0)` can repeat between concurrent starts, and two servers with
-/// `SO_REUSEPORT` on one port would split each other's connections.
+/// A port no other server of this test process was given, below the
+/// kernel's ephemeral range so that no client socket (ours, or a PostgreSQL
+/// connection) can take it between this check and the server's bind. Ports
+/// from `bind(0)` can also repeat between concurrent starts, and two servers
+/// with `SO_REUSEPORT` on one port would split each other's connections.
 pub fn test_port() -> u16 {
     use std::sync::atomic::AtomicU16;
     static NEXT: AtomicU16 = AtomicU16::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|p| p.parse::<u16>().ok())
+        })
+        .unwrap_or(32_768);
+    let base: u16 = 10_000;
+    let span = ephemeral_low.saturating_sub(base).max(1_000);
     let _ = NEXT.compare_exchange(
         0,
-        20_000 + (std::process::id() % 4_000) as u16 * 10,
+        base + (std::process::id() % u32::from(span / 200)) as u16 * 100,
         Ordering::SeqCst,
         Ordering::SeqCst,
     );
-    loop {
+    for _ in 0..span {
         let port = NEXT.fetch_add(1, Ordering::SeqCst);
-        if port > 60_000 {
-            return free_port().expect("free port");
+        if port >= base + span {
+            NEXT.store(base, Ordering::SeqCst);
+            continue;
         }
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
+    free_port().expect("free port")
 }
 
 pub fn binary() -> &'static str {
@@ -147,14 +161,34 @@ impl TestServer {
         settings: &[&str],
         env: &[(&str, &str)],
     ) -> TestServer {
-        let port = test_port();
         let log = dir.path().join("server.log");
+        let mut server = TestServer {
+            port: 0,
+            child: None,
+            dir,
+            log,
+        };
+        // A port checked free can still be taken before the server binds it;
+        // that one failure is retried on another port.
+        for attempt in 1..=3 {
+            server.port = test_port();
+            server.spawn(database_url, settings, env);
+            match server.wait_healthy(Duration::from_secs(90)) {
+                Ok(()) => return server,
+                Err(e) if attempt < 3 && e.contains("Address already in use") => continue,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
+    }
+
+    fn spawn(&mut self, database_url: Option<&str>, settings: &[&str], env: &[(&str, &str)]) {
         let mut cmd = Command::new(binary());
         cmd.arg("serve")
             .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
+            .arg(format!("127.0.0.1:{}", self.port))
             .arg("--data-dir")
-            .arg(dir.path().join("data"))
+            .arg(self.dir.path().join("data"))
             .env("RUST_LOG", "info");
         if let Some(url) = database_url {
             cmd.arg("--database-url").arg(url);
@@ -165,22 +199,14 @@ impl TestServer {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let out = std::fs::File::create(&log).expect("log file");
+        let out = std::fs::File::create(&self.log).expect("log file");
         cmd.stdout(out.try_clone().expect("dup"))
             .stderr(out)
             .stdin(Stdio::null());
-        let child = cmd.spawn().expect("spawn triggers");
-        let mut server = TestServer {
-            port,
-            child: Some(child),
-            dir,
-            log,
-        };
-        server.wait_healthy(Duration::from_secs(90));
-        server
+        self.child = Some(cmd.spawn().expect("spawn triggers"));
     }
 
-    fn wait_healthy(&mut self, limit: Duration) {
+    fn wait_healthy(&mut self, limit: Duration) -> Result<(), String> {
         let start = Instant::now();
         loop {
             if let Ok(r) = try_request(
@@ -188,16 +214,20 @@ impl TestServer {
                 "GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
             ) {
                 if r.status == 200 {
-                    return;
+                    return Ok(());
                 }
             }
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
-                    panic!("server exited with {status}:\n{}", self.log_text());
+                    self.child = None;
+                    return Err(format!("server exited with {status}:\n{}", self.log_text()));
                 }
             }
             if start.elapsed() > limit {
-                panic!("server not healthy after {limit:?}:\n{}", self.log_text());
+                return Err(format!(
+                    "server not healthy after {limit:?}:\n{}",
+                    self.log_text()
+                ));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
