@@ -32,17 +32,63 @@ pub fn probe_io_uring() -> Result<(), String> {
     Ok(())
 }
 
+/// The smallest `RLIMIT_MEMLOCK` glommio 0.9 accepts: below it every shard
+/// executor fails to build its reactor.
+pub const MIN_MEMLOCK: u64 = 512 * 1024;
+
+/// Makes sure `RLIMIT_MEMLOCK` lets glommio start: a soft limit below
+/// [`MIN_MEMLOCK`] is raised to the hard limit; if that is not enough, the
+/// error says what to change.
+pub fn ensure_memlock() -> Result<(), String> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    if lim.rlim_cur >= MIN_MEMLOCK {
+        return Ok(());
+    }
+    if lim.rlim_max >= MIN_MEMLOCK {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit reads the struct we own; raising the soft limit
+        // up to the hard limit needs no privilege.
+        if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raised) } == 0 {
+            log::info!(
+                "RLIMIT_MEMLOCK raised from {} KiB to the hard limit",
+                lim.rlim_cur / 1024
+            );
+            return Ok(());
+        }
+    }
+    Err(format!(
+        "RLIMIT_MEMLOCK is {} KiB (hard limit {} KiB); the io_uring engine needs at least {} KiB: \
+         raise it (`ulimit -l`, systemd `LimitMEMLOCK=`, docker `--ulimit memlock=-1`; see tuning.md)",
+        lim.rlim_cur / 1024,
+        lim.rlim_max / 1024,
+        MIN_MEMLOCK / 1024
+    ))
+}
+
 /// Resolves `engine` to the engine that will run the shards.
 pub fn choose(engine: &str) -> Result<&'static str, EngineError> {
     match engine {
-        "glommio" | "auto" => match probe_io_uring() {
-            Ok(()) => Ok("glommio"),
-            Err(why) => Err(EngineError(format!(
-                "engine = \"{engine}\": io_uring is unavailable here ({why}); \
-                 under Docker or containerd allow the io_uring syscalls in the seccomp profile \
-                 (see tuning.md). The portable may engine is not available in this build yet."
-            ))),
-        },
+        "glommio" | "auto" => {
+            probe_io_uring().map_err(|why| {
+                EngineError(format!(
+                    "engine = \"{engine}\": io_uring is unavailable here ({why}); \
+                     under Docker or containerd allow the io_uring syscalls in the seccomp profile \
+                     (see tuning.md). The portable may engine is not available in this build yet."
+                ))
+            })?;
+            ensure_memlock().map_err(|why| EngineError(format!("engine = \"{engine}\": {why}")))?;
+            Ok("glommio")
+        }
         "may" => Err(EngineError(
             "engine = \"may\": the portable engine is not available in this build yet; use \"glommio\" or \"auto\"".into(),
         )),

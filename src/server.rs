@@ -42,6 +42,8 @@ pub enum ServeError {
     Shard(#[from] shard::ShardError),
     #[error("{0}")]
     Engine(#[from] crate::engine::EngineError),
+    #[error("a shard stopped unexpectedly (see the log above)")]
+    ShardFailed,
     #[error("signals: {0}")]
     Signals(std::io::Error),
 }
@@ -262,6 +264,9 @@ pub fn serve(config: Config, plan: CorePlan) -> Result<(), ServeError> {
     if let Some(c) = cluster.as_mut() {
         c.stop()?;
         log::info!("embedded PostgreSQL stopped");
+    }
+    if shard::SHARD_FAILED.load(std::sync::atomic::Ordering::Acquire) {
+        return Err(ServeError::ShardFailed);
     }
     log::info!("stopped");
     Ok(())

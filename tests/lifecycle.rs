@@ -231,3 +231,79 @@ fn sigterm_with_idle_keep_alive_connections_stops_promptly() {
         assert!(closed_by_server(c));
     }
 }
+
+/// Runs `triggers serve` with RLIMIT_MEMLOCK set to (soft, hard) bytes.
+fn serve_with_memlock(soft: u64, hard: u64, args: &[&str]) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(binary());
+    cmd.arg("serve").args(args);
+    // SAFETY: setrlimit is async-signal-safe; it only lowers (or keeps) our limits.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            if libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn")
+}
+
+#[test]
+fn a_memlock_limit_glommio_cannot_use_is_raised_or_refused() {
+    // Too low, and the hard limit forbids raising it: a clear start-up error,
+    // not a server whose listeners nobody serves.
+    let dir = open_tempdir();
+    let data = dir.path().to_string_lossy().into_owned();
+    let child = serve_with_memlock(64 * 1024, 64 * 1024, &["--data-dir", &data]);
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "must fail: {err}");
+    assert!(err.contains("RLIMIT_MEMLOCK is 64 KiB"), "{err}");
+
+    // Too low but the hard limit allows more: raised, and the shards serve.
+    let url = fresh_database();
+    let port = test_port();
+    let listen = format!("127.0.0.1:{port}");
+    let child = serve_with_memlock(
+        64 * 1024,
+        1024 * 1024,
+        &[
+            "--data-dir",
+            &data,
+            "--database-url",
+            &url,
+            "--listen",
+            &listen,
+            "--set",
+            "cores.shards=[0,1]",
+        ],
+    );
+    let healthy = eventually(Duration::from_secs(60), || {
+        // Both shards must answer: several fresh connections spread over them.
+        (0..8).all(|_| {
+            try_request(
+                port,
+                "GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+            )
+            .is_ok_and(|r| r.status == 200)
+        })
+    });
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().expect("wait");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        healthy,
+        "server with a raisable memlock limit never served: {log}"
+    );
+    assert!(log.contains("RLIMIT_MEMLOCK raised"), "{log}");
+    assert!(out.status.success(), "{log}");
+}

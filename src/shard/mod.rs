@@ -26,6 +26,7 @@ use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,6 +48,34 @@ pub enum ShardError {
 /// The running shards; [`ShardSet::shutdown`] stops and joins them.
 pub struct ShardSet {
     shards: Vec<(ExecutorJoinHandle<()>, oneshot::Sender<()>)>,
+    stopping: Arc<AtomicBool>,
+}
+
+/// Set when a shard ended without being asked to: its listening socket is
+/// gone from the `SO_REUSEPORT` group's service, so the whole server stops
+/// (SIGTERM to itself) and exits with an error rather than run degraded.
+pub static SHARD_FAILED: AtomicBool = AtomicBool::new(false);
+
+/// Lives as long as a shard's main future; its drop before shutdown marks
+/// the shard as failed.
+struct ShardAlive {
+    id: usize,
+    stopping: Arc<AtomicBool>,
+}
+
+impl Drop for ShardAlive {
+    fn drop(&mut self) {
+        if !self.stopping.load(Ordering::Acquire) {
+            log::error!(
+                "shard {} stopped unexpectedly; stopping the server",
+                self.id
+            );
+            SHARD_FAILED.store(true, Ordering::Release);
+            // SAFETY: raising a signal in our own process; the main thread's
+            // signal iterator turns it into an orderly shutdown.
+            unsafe { libc::raise(libc::SIGTERM) };
+        }
+    }
 }
 
 /// A listening socket with `SO_REUSEPORT`, so every shard binds the same address.
@@ -93,6 +122,7 @@ pub fn start(
 ) -> Result<ShardSet, ShardError> {
     let cfg = &shared.config;
     let mut shards = Vec::new();
+    let stopping = Arc::new(AtomicBool::new(false));
     let (handoff_tx, handoff_rx): (Vec<_>, Vec<_>) = shared
         .plan
         .shards
@@ -126,10 +156,20 @@ pub fn start(
         };
         let (stop_tx, stop_rx) = oneshot::channel();
         let shard_shared = shared.clone();
+        // The executor signals once it runs: if glommio cannot build its
+        // reactor, the closure is dropped unrun and start-up fails here
+        // instead of leaving a listener nobody serves.
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let shard_stopping = stopping.clone();
         let handle = LocalExecutorBuilder::new(placement)
             .name(&format!("shard-{id}"))
             .spin_before_park(Duration::from_micros(cfg.cores.spin_before_park_us))
             .spawn(move || async move {
+                let _alive = ShardAlive {
+                    id,
+                    stopping: shard_stopping,
+                };
+                let _ = ready_tx.send(());
                 // SAFETY: `fd` is a listening socket we own; nothing else uses it.
                 let listener = unsafe { TcpListener::from_raw_fd(fd) };
                 let links = Links::new(peers);
@@ -147,14 +187,27 @@ pub fn start(
                 core,
                 message: e.to_string(),
             })?;
+        if ready_rx.recv().is_err() {
+            stopping.store(true, Ordering::Release);
+            let message = match handle.join() {
+                Err(e) => e.to_string(),
+                Ok(()) => "the executor ended before it ran".into(),
+            };
+            return Err(ShardError::Start {
+                shard: id,
+                core,
+                message,
+            });
+        }
         shards.push((handle, stop_tx));
     }
-    Ok(ShardSet { shards })
+    Ok(ShardSet { shards, stopping })
 }
 
 impl ShardSet {
     /// Stops accepting on every shard, lets in-flight requests finish, joins.
     pub fn shutdown(self) {
+        self.stopping.store(true, Ordering::Release);
         let mut handles = Vec::new();
         for (handle, stop) in self.shards {
             let _ = stop.send(());
