@@ -100,7 +100,19 @@ pub fn parse_query(query: Option<&str>) -> Result<InboxQuery, ApiError> {
     errors.finish().map(|()| q)
 }
 
-type Page = (Vec<(uuid::Uuid, Value)>, bool, i64, i64);
+/// One inbox page. Its events are encoded to JSON on the query worker, so
+/// the shard only frames the body: building and dropping a `Value` tree per
+/// event cost the shard about 26 000 instructions per event
+/// (`perf/instructions`).
+struct Page {
+    /// The `events` array, already JSON.
+    events_json: Vec<u8>,
+    count: usize,
+    last_id: Option<uuid::Uuid>,
+    has_more: bool,
+    total: i64,
+    limit: i64,
+}
 
 fn submit_page(
     ctx: &ShardCtx,
@@ -132,31 +144,41 @@ fn submit_page(
                 )?
                 .get(0);
             let has_more = rows.len() as i64 > q.limit;
-            let events: Vec<(uuid::Uuid, Value)> = rows
-                .iter()
-                .take(q.limit as usize)
-                .map(|r| (r.get(0), super::events::event_json(r)))
-                .collect();
-            Ok((events, has_more, total, q.limit))
+            let page = &rows[..rows.len().min(q.limit as usize)];
+            let events: Vec<Value> = page.iter().map(super::events::event_json).collect();
+            Ok(Page {
+                events_json: serde_json::to_vec(&events).unwrap_or_else(|_| b"[]".to_vec()),
+                count: events.len(),
+                last_id: page.last().map(|r| r.get(0)),
+                has_more,
+                total,
+                limit: q.limit,
+            })
         })
         .map_err(store_error)
 }
 
 fn page_response(page: Page) -> Response {
-    let (events, has_more, total, limit) = page;
-    let next = if has_more {
-        events.last().map(|(id, _)| encode_cursor(*id))
+    let next = if page.has_more {
+        page.last_id.map(encode_cursor)
     } else {
         None
     };
-    let list: Vec<Value> = events.into_iter().map(|(_, v)| v).collect();
-    json_response(
-        200,
-        &json!({
-            "events": list,
-            "pagination": {"next_cursor": next, "has_more": has_more, "limit": limit, "total_undelivered": total},
-        }),
-    )
+    let pagination = json!({
+        "next_cursor": next,
+        "has_more": page.has_more,
+        "limit": page.limit,
+        "total_undelivered": page.total,
+    });
+    let mut body = Vec::with_capacity(page.events_json.len() + 160);
+    body.extend_from_slice(b"{\"events\":");
+    body.extend_from_slice(&page.events_json);
+    body.extend_from_slice(b",\"pagination\":");
+    if serde_json::to_writer(&mut body, &pagination).is_err() {
+        body.extend_from_slice(b"null");
+    }
+    body.push(b'}');
+    Response::json(200, body)
 }
 
 /// `GET /api/inbox`. With `wait` and an empty first page, the request waits
@@ -176,7 +198,7 @@ pub fn list(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
     let ctx = ctx.clone();
     Handled::Pending(Box::pin(async move {
         let page = answer(reply).await?;
-        if !page.0.is_empty() || q.wait == 0 {
+        if page.count > 0 || q.wait == 0 {
             return Ok(page_response(page));
         }
         let Some(woken) = ctx.inbox_waiters.wait(org, q.event_type.clone()) else {
