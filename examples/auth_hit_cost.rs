@@ -34,6 +34,7 @@ fn main() {
             cache.insert(
                 p,
                 digester.digest(&secret),
+                [0; 32],
                 now + Duration::from_secs(3600),
                 None,
                 now,

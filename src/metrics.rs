@@ -313,7 +313,7 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
         (
             "triggers_auth_refreshes_total",
             "counter",
-            "Background re-reads of cached keys' rows late in their TTL (no Argon2).",
+            "Re-reads of cached keys' rows, no Argon2: in the background late in the TTL, or before use past it.",
             |m| m.auth_refreshes.get() as i64,
         ),
         (

@@ -2,7 +2,8 @@
 //! sign-up validation, the admin token, authentication by either header,
 //! 401 codes held to one latency, rotation with and without grace (in one
 //! process and across two), rate limits over two shards, the failure
-//! throttle, connection handoff, and secrets kept out of logs.
+//! throttle, connection handoff, secrets kept out of logs, and cached keys
+//! re-read past their TTL without a new Argon2id verification.
 
 mod common;
 
@@ -703,4 +704,73 @@ fn keys_in_use_are_refreshed_without_argon2_and_revocation_still_lands() {
         "still accepted {:?} after the revocation",
         revoked.elapsed()
     );
+}
+
+#[test]
+fn keys_used_now_and_then_are_reread_past_their_ttl_without_argon2() {
+    let db = fresh_database();
+    let s = TestServer::start(
+        Some(&db),
+        &settings(&["cores.shards=[0]", "auth.cache_ttl_seconds=1"]),
+    );
+    let key = new_api_key(s.port, "Sparse", "enterprise");
+    let other = new_api_key(s.port, "Other", "enterprise");
+    let parts = |k: &str| {
+        let mut p = k.splitn(3, '_').skip(1);
+        let id = p.next().expect("key id").to_string();
+        (id, p.next().expect("secret").to_string())
+    };
+    let (id, secret) = parts(&key);
+    let (other_id, other_secret) = parts(&other);
+    let verifications = |s: &TestServer| {
+        metric_sum(
+            &s.get("/metrics").text(),
+            "triggers_auth_verifications_total",
+        )
+    };
+    assert_eq!(get_keys(s.port, &key).status, 200);
+    assert_eq!(get_keys(s.port, &other).status, 200);
+    assert_eq!(verifications(&s), 2);
+    // Used once a TTL and a half apart: every use finds the entry expired,
+    // re-reads the row and needs no Argon2. A wrong secret for a known id is
+    // still refused without one.
+    for round in 0..3 {
+        std::thread::sleep(Duration::from_millis(1_500));
+        let wrong = format!("zt_{id}_{}", "x".repeat(secret.len()));
+        let (first, second) = if round % 2 == 0 {
+            ((&key, 200), (&wrong, 401))
+        } else {
+            ((&wrong, 401), (&key, 200))
+        };
+        assert_eq!(get_keys(s.port, first.0).status, first.1, "round {round}");
+        assert_eq!(get_keys(s.port, second.0).status, second.1, "round {round}");
+    }
+    let text = s.get("/metrics").text();
+    assert_eq!(
+        metric_sum(&text, "triggers_auth_verifications_total"),
+        2,
+        "{text}"
+    );
+    assert!(
+        metric_sum(&text, "triggers_auth_refreshes_total") >= 3,
+        "{text}"
+    );
+    // The stored hash changes behind the server's back (the other key's
+    // hash copied over): past the TTL the re-read sees another hash, so the
+    // old secret is verified again, fails, and the other secret now works.
+    let mut c = postgres::Client::connect(&db, postgres::NoTls).expect("connect");
+    let n = c
+        .execute(
+            "UPDATE api_keys SET secret_hash = (SELECT secret_hash FROM api_keys WHERE key_id = $2)
+              WHERE key_id = $1",
+            &[&id, &other_id],
+        )
+        .expect("copy the hash");
+    assert_eq!(n, 1);
+    std::thread::sleep(Duration::from_millis(1_500));
+    assert_eq!(get_keys(s.port, &key).status, 401);
+    assert_eq!(verifications(&s), 3);
+    let swapped = format!("zt_{id}_{other_secret}");
+    assert_eq!(get_keys(s.port, &swapped).status, 200);
+    assert_eq!(verifications(&s), 4);
 }

@@ -16,7 +16,7 @@ use crate::auth::lease::{LeaseTable, LeaseUse};
 use crate::auth::{key, Lookup, Principal};
 use crate::http::{Request, Response};
 use crate::limit::Decision;
-use crate::store::StoreError;
+use crate::store::{Reply, StoreError};
 use futures::channel::oneshot;
 use serde_json::json;
 use std::collections::HashMap;
@@ -37,9 +37,11 @@ pub enum Verified {
     Unavailable,
 }
 
-/// The verifier pool's answer (crosses threads, so no `Rc`).
+/// A pool's answer about a key (crosses threads, so no `Rc`): the
+/// principal, the time left until the key expires and the digest of its
+/// stored hash.
 enum VerifyAnswer {
-    Valid(Principal, Option<Duration>),
+    Valid(Box<Principal>, Option<Duration>, [u8; 32]),
     WrongSecret,
     Unknown,
 }
@@ -251,9 +253,10 @@ pub fn authenticated(
             ctx.metrics.auth_cache_hits.inc();
             fail(ctx, peer, started, false)
         }
-        Lookup::Miss => {
+        Lookup::Miss | Lookup::Expired => {
             ctx.metrics.auth_cache_misses.inc();
-            let waiter = verify(ctx, presented.key_id, presented.secret, digest);
+            let reread = matches!(lookup, Lookup::Expired);
+            let waiter = verify(ctx, presented.key_id, presented.secret, digest, reread);
             let ctx = ctx.clone();
             Handled::Pending(Box::pin(async move {
                 let verified = match waiter {
@@ -342,12 +345,15 @@ fn limited(ctx: &ShardCtx, d: &Decision) -> Result<Response, ApiError> {
     with_rate(Err(e), d)
 }
 
-/// Joins (or starts) the verification of (key id, secret digest).
+/// Joins (or starts) the verification of (key id, secret digest). With
+/// `reread`, the key's cached entry is past its TTL: its row is read again
+/// on a query worker, and Argon2id runs only if the stored hash changed.
 pub(super) fn verify(
     ctx: &Rc<ShardCtx>,
     key_id: &str,
     secret: &str,
     digest: [u8; 32],
+    reread: bool,
 ) -> Result<oneshot::Receiver<Verified>, ApiError> {
     let (tx, rx) = oneshot::channel();
     let slot = (key_id.to_string(), digest);
@@ -362,51 +368,22 @@ pub(super) fn verify(
         }
         pending.insert(slot.clone(), vec![tx]);
     }
-    let (id, secret_owned) = (key_id.to_string(), secret.to_string());
-    let submitted = ctx
-        .shared
-        .verifier
-        .submit(move |client| load_and_verify(client, &id, &secret_owned));
-    let reply = match submitted {
+    let submitted = if reread {
+        submit_reread(ctx, key_id)
+    } else {
+        submit_verify(ctx, key_id, secret)
+    };
+    let first = match submitted {
         Ok(reply) => reply,
         Err(_) => {
             ctx.auth.pending.borrow_mut().remove(&slot);
             return Err(ApiError::overloaded(1));
         }
     };
-    ctx.metrics.auth_verifications.inc();
     let c = ctx.clone();
+    let secret = secret.to_string();
     (ctx.hooks.spawn)(Box::pin(async move {
-        let answer = reply.await;
-        let now = Instant::now();
-        let verified = match answer {
-            Ok(Ok(VerifyAnswer::Valid(p, expires_in))) => {
-                let p = Rc::new(p);
-                let ttl = Duration::from_secs(c.shared.config.auth.cache_ttl_seconds);
-                c.auth.cache.borrow_mut().insert(
-                    p.clone(),
-                    slot.1,
-                    now + ttl,
-                    expires_in.map(|d| now + d),
-                    now,
-                );
-                Verified::Valid(p)
-            }
-            Ok(Ok(VerifyAnswer::Unknown)) => {
-                let ttl = Duration::from_millis(c.shared.config.auth.negative_ttl_ms);
-                c.auth
-                    .cache
-                    .borrow_mut()
-                    .insert_negative(&slot.0, now + ttl, now);
-                Verified::Unauthorized
-            }
-            Ok(Ok(VerifyAnswer::WrongSecret)) => Verified::Unauthorized,
-            Ok(Err(e)) => {
-                log::warn!("key verification failed: {e}");
-                Verified::Unavailable
-            }
-            Err(_) => Verified::Unavailable,
-        };
+        let verified = settle(&c, &slot, &secret, first, reread).await;
         let waiters = c
             .auth
             .pending
@@ -418,6 +395,106 @@ pub(super) fn verify(
         }
     }));
     Ok(rx)
+}
+
+/// Argon2id on the verifier pool (bounded: its queue refuses when full).
+fn submit_verify(
+    ctx: &Rc<ShardCtx>,
+    key_id: &str,
+    secret: &str,
+) -> Result<Reply<VerifyAnswer>, StoreError> {
+    let (id, secret) = (key_id.to_string(), secret.to_string());
+    let reply = ctx
+        .shared
+        .verifier
+        .submit(move |client| load_and_verify(client, &id, &secret))?;
+    ctx.metrics.auth_verifications.inc();
+    Ok(reply)
+}
+
+/// The key's row on a query worker, no Argon2.
+fn submit_reread(ctx: &Rc<ShardCtx>, key_id: &str) -> Result<Reply<VerifyAnswer>, StoreError> {
+    let id = key_id.to_string();
+    let reply = ctx.shared.queries.submit(move |client| {
+        Ok(match load_key(client, &id)? {
+            Some((hash, principal, expires_in)) => {
+                VerifyAnswer::Valid(principal.into(), expires_in, key::hash_fingerprint(&hash))
+            }
+            None => VerifyAnswer::Unknown,
+        })
+    })?;
+    ctx.metrics.auth_refreshes.inc();
+    Ok(reply)
+}
+
+/// Turns a pool's answer into the cache's new state and the waiters'
+/// verdict. A re-read that finds the hash the entry was verified against
+/// renews the entry and settles from it; one that finds another hash (or
+/// finds the entry gone) falls back to a full verification.
+async fn settle(
+    c: &Rc<ShardCtx>,
+    slot: &(String, [u8; 32]),
+    secret: &str,
+    first: Reply<VerifyAnswer>,
+    reread: bool,
+) -> Verified {
+    let mut answer = first.await;
+    if reread {
+        if let Ok(Ok(VerifyAnswer::Valid(p, expires_in, fingerprint))) = answer {
+            let now = Instant::now();
+            let ttl = Duration::from_secs(c.shared.config.auth.cache_ttl_seconds);
+            {
+                let mut cache = c.auth.cache.borrow_mut();
+                let renewed = cache.refreshed(
+                    Rc::new(*p),
+                    fingerprint,
+                    now + ttl,
+                    expires_in.map(|d| now + d),
+                    now,
+                );
+                if renewed {
+                    match cache.lookup(&slot.0, &slot.1, now) {
+                        Lookup::Hit(p) | Lookup::Stale(p) => return Verified::Valid(p),
+                        Lookup::WrongSecret => return Verified::Unauthorized,
+                        _ => {}
+                    }
+                }
+            }
+            answer = match submit_verify(c, &slot.0, secret) {
+                Ok(reply) => reply.await,
+                Err(_) => return Verified::Unavailable,
+            };
+        }
+    }
+    let now = Instant::now();
+    match answer {
+        Ok(Ok(VerifyAnswer::Valid(p, expires_in, fingerprint))) => {
+            let p = Rc::new(*p);
+            let ttl = Duration::from_secs(c.shared.config.auth.cache_ttl_seconds);
+            c.auth.cache.borrow_mut().insert(
+                p.clone(),
+                slot.1,
+                fingerprint,
+                now + ttl,
+                expires_in.map(|d| now + d),
+                now,
+            );
+            Verified::Valid(p)
+        }
+        Ok(Ok(VerifyAnswer::Unknown)) => {
+            let ttl = Duration::from_millis(c.shared.config.auth.negative_ttl_ms);
+            let mut cache = c.auth.cache.borrow_mut();
+            cache.invalidate(&slot.0);
+            cache.insert_negative(&slot.0, now + ttl, now);
+            Verified::Unauthorized
+        }
+        Ok(Ok(VerifyAnswer::WrongSecret)) => Verified::Unauthorized,
+        Ok(Err(e)) => {
+            log::warn!("key verification failed: {e}");
+            Verified::Unavailable
+        }
+        Err(_) => Verified::Unavailable,
+    }
 }
 
 /// On the verifier pool: the key's row, then Argon2id. A known id with a
@@ -433,7 +510,11 @@ fn load_and_verify(
     if !key::verify_secret(secret, &hash) {
         return Ok(VerifyAnswer::WrongSecret);
     }
-    Ok(VerifyAnswer::Valid(principal, expires_in))
+    Ok(VerifyAnswer::Valid(
+        principal.into(),
+        expires_in,
+        key::hash_fingerprint(&hash),
+    ))
 }
 
 /// The row of a live (not revoked, not expired) key: its Argon2id hash, its
@@ -482,7 +563,9 @@ pub(super) fn refresh(ctx: &Rc<ShardCtx>, key_id: &str) {
     ctx.metrics.auth_refreshes.inc();
     let id = key_id.to_string();
     let job = ctx.shared.queries.submit(move |client| {
-        Ok(load_key(client, &id)?.map(|(_, principal, expires_in)| (principal, expires_in)))
+        Ok(load_key(client, &id)?.map(|(hash, principal, expires_in)| {
+            (principal, expires_in, key::hash_fingerprint(&hash))
+        }))
     });
     let Ok(reply) = job else {
         ctx.auth.cache.borrow_mut().refresh_failed(key_id);
@@ -496,12 +579,16 @@ pub(super) fn refresh(ctx: &Rc<ShardCtx>, key_id: &str) {
         let ttl = Duration::from_secs(c.shared.config.auth.cache_ttl_seconds);
         let mut cache = c.auth.cache.borrow_mut();
         match answer {
-            Ok(Ok(Some((principal, expires_in)))) => cache.refreshed(
-                Rc::new(principal),
-                now + ttl,
-                expires_in.map(|d| now + d),
-                now,
-            ),
+            Ok(Ok(Some((principal, expires_in, fingerprint)))) => {
+                // A changed hash drops the entry: the next request verifies.
+                cache.refreshed(
+                    Rc::new(principal),
+                    fingerprint,
+                    now + ttl,
+                    expires_in.map(|d| now + d),
+                    now,
+                );
+            }
             Ok(Ok(None)) => cache.invalidate(&id),
             _ => cache.refresh_failed(&id),
         }

@@ -109,22 +109,36 @@ pub fn generate(ctx: &Rc<ShardCtx>, req: &Request) -> Handled {
     }))
 }
 
+/// The body of `GET /api/keys`, borrowed from the principal (fields in the
+/// order the other JSON bodies use: sorted).
+#[derive(serde::Serialize)]
+struct KeyInfo<'a> {
+    created_at: &'a str,
+    key_id: &'a str,
+    organization_id: uuid::Uuid,
+    organization_name: &'a str,
+    rate_limit_per_minute: u64,
+    tier: &'a str,
+    updated_at: &'a str,
+    webhook_url: Option<&'a str>,
+}
+
 /// `GET /api/keys`: answered from the key cache (the principal carries the
 /// organization as of its verification; changes through this server
 /// invalidate it, other servers notify).
 pub fn show(ctx: &Rc<ShardCtx>, _req: Request, p: Rc<Principal>) -> Handled {
     Handled::Ready(Ok(json_response(
         200,
-        &json!({
-            "organization_id": p.organization_id,
-            "organization_name": p.organization_name,
-            "key_id": p.key_id,
-            "tier": p.tier,
-            "rate_limit_per_minute": limit_for_tier(ctx, &p.tier),
-            "webhook_url": p.webhook_url,
-            "created_at": p.created_at,
-            "updated_at": p.updated_at,
-        }),
+        &KeyInfo {
+            created_at: &p.created_at,
+            key_id: &p.key_id,
+            organization_id: p.organization_id,
+            organization_name: &p.organization_name,
+            rate_limit_per_minute: limit_for_tier(ctx, &p.tier),
+            tier: &p.tier,
+            updated_at: &p.updated_at,
+            webhook_url: p.webhook_url.as_deref(),
+        },
     )))
 }
 

@@ -162,9 +162,10 @@ pub fn serve_lease(ctx: &Rc<ShardCtx>, r: LeaseRequest) {
             ctx.metrics.auth_cache_hits.inc();
             let _ = r.reply.send(LeaseAnswer::Unauthorized);
         }
-        Lookup::Miss => {
+        Lookup::Miss | Lookup::Expired => {
             ctx.metrics.auth_cache_misses.inc();
-            let waiter = match verify(ctx, &r.key_id, &r.secret, r.digest) {
+            let reread = matches!(lookup, Lookup::Expired);
+            let waiter = match verify(ctx, &r.key_id, &r.secret, r.digest, reread) {
                 Ok(w) => w,
                 Err(_) => {
                     let _ = r.reply.send(LeaseAnswer::Overloaded);

@@ -430,7 +430,7 @@ fn finish(ctx: &ShardCtx, route: Route, request_id: String, mut r: Response) -> 
 }
 
 /// A JSON response with `status`.
-fn json_response(status: u16, v: &serde_json::Value) -> Response {
+fn json_response<T: serde::Serialize + ?Sized>(status: u16, v: &T) -> Response {
     Response::json(status, serde_json::to_vec(v).unwrap_or_default())
 }
 

@@ -4,11 +4,18 @@
 //! (never the plaintext). Unknown key ids are cached negatively for a short
 //! time. Both maps are bounded; a full map evicts the least recently used
 //! of a small random sample.
+//!
+//! The TTL bounds how long an entry is trusted without reading its key's row
+//! again, not how long it is kept: an entry past its TTL is re-read before
+//! use (a database read, no Argon2), and only a changed stored hash, a
+//! revocation or eviction sends a key through Argon2id again.
 
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Instant;
+
+use super::key::KeyId;
 
 /// An authenticated organization, as requests see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,7 +32,10 @@ pub struct Principal {
 struct Entry {
     principal: Rc<Principal>,
     digest: [u8; 32],
-    /// Re-verify against the database after this (cache TTL).
+    /// Digest of the stored Argon2id hash the secret was verified against:
+    /// a re-read that finds the same hash needs no new verification.
+    hash_fingerprint: [u8; 32],
+    /// Re-read the key's row against the database after this (cache TTL).
     fresh_until: Instant,
     /// From here on a hit also asks for a background re-read of the key's
     /// row (no Argon2: the secret was verified), so a key in use never
@@ -34,7 +44,7 @@ struct Entry {
     refreshing: Cell<bool>,
     /// While a refresh is in flight the entry stays usable up to here
     /// (another fifth of the TTL), so a slow database at refresh time does
-    /// not turn into a burst of Argon2 verifications.
+    /// not hold requests on a re-read.
     stale_until: Instant,
     /// The key stops working at this instant (rotation grace period).
     key_expires: Option<Instant>,
@@ -50,6 +60,9 @@ pub enum Lookup {
     WrongSecret,
     /// The key id is known not to exist (negative entry).
     Unknown,
+    /// The entry is past its TTL: re-read the key's row before use (no
+    /// Argon2 when its hash is unchanged), then look up again.
+    Expired,
     Miss,
 }
 
@@ -64,8 +77,8 @@ fn stale_point(now: Instant, fresh_until: Instant) -> Instant {
 }
 
 pub struct KeyCache {
-    entries: HashMap<String, Entry, ahash::RandomState>,
-    negative: HashMap<String, Instant, ahash::RandomState>,
+    entries: HashMap<KeyId, Entry, ahash::RandomState>,
+    negative: HashMap<KeyId, Instant, ahash::RandomState>,
     capacity: usize,
     negative_capacity: usize,
 }
@@ -83,27 +96,33 @@ impl KeyCache {
     }
 
     pub fn lookup(&mut self, key_id: &str, digest: &[u8; 32], now: Instant) -> Lookup {
-        if let Some(e) = self.entries.get(key_id) {
+        let Some(key_id) = KeyId::new(key_id) else {
+            return Lookup::Miss;
+        };
+        if let Some(e) = self.entries.get(&key_id) {
             let expired = e.key_expires.is_some_and(|t| t <= now);
             let fresh = e.fresh_until > now || (e.refreshing.get() && e.stale_until > now);
-            if fresh && !expired {
-                if !crate::api::constant_time_eq(&e.digest, digest) {
-                    return Lookup::WrongSecret;
-                }
-                e.last_used.set(now);
-                if e.refresh_at <= now && !e.refreshing.get() {
-                    e.refreshing.set(true);
-                    return Lookup::Stale(e.principal.clone());
-                }
-                return Lookup::Hit(e.principal.clone());
+            if expired {
+                self.entries.remove(&key_id);
+                return Lookup::Miss;
             }
-            self.entries.remove(key_id);
-            return Lookup::Miss;
+            if !fresh {
+                return Lookup::Expired;
+            }
+            if !crate::api::constant_time_eq(&e.digest, digest) {
+                return Lookup::WrongSecret;
+            }
+            e.last_used.set(now);
+            if e.refresh_at <= now && !e.refreshing.get() {
+                e.refreshing.set(true);
+                return Lookup::Stale(e.principal.clone());
+            }
+            return Lookup::Hit(e.principal.clone());
         }
-        match self.negative.get(key_id) {
+        match self.negative.get(&key_id) {
             Some(&until) if until > now => Lookup::Unknown,
             Some(_) => {
-                self.negative.remove(key_id);
+                self.negative.remove(&key_id);
                 Lookup::Miss
             }
             None => Lookup::Miss,
@@ -114,11 +133,14 @@ impl KeyCache {
         &mut self,
         principal: Rc<Principal>,
         digest: [u8; 32],
+        hash_fingerprint: [u8; 32],
         fresh_until: Instant,
         key_expires: Option<Instant>,
         now: Instant,
     ) {
-        let key_id = principal.key_id.clone();
+        let Some(key_id) = KeyId::new(&principal.key_id) else {
+            return;
+        };
         self.negative.remove(&key_id);
         if self.entries.len() >= self.capacity && !self.entries.contains_key(&key_id) {
             let victim = self
@@ -126,7 +148,7 @@ impl KeyCache {
                 .iter()
                 .take(EVICTION_SAMPLE)
                 .min_by_key(|(_, e)| e.last_used.get())
-                .map(|(k, _)| k.clone());
+                .map(|(k, _)| *k);
             if let Some(v) = victim {
                 self.entries.remove(&v);
             }
@@ -136,6 +158,7 @@ impl KeyCache {
             Entry {
                 principal,
                 digest,
+                hash_fingerprint,
                 fresh_until,
                 refresh_at: refresh_point(now, fresh_until),
                 refreshing: Cell::new(false),
@@ -148,41 +171,57 @@ impl KeyCache {
     }
 
     pub fn insert_negative(&mut self, key_id: &str, until: Instant, now: Instant) {
+        let Some(key_id) = KeyId::new(key_id) else {
+            return;
+        };
         if self.negative.len() >= self.negative_capacity {
             self.negative.retain(|_, t| *t > now);
             if self.negative.len() >= self.negative_capacity {
-                let victim = self.negative.keys().next().cloned();
+                let victim = self.negative.keys().next().copied();
                 if let Some(v) = victim {
                     self.negative.remove(&v);
                 }
             }
         }
-        self.negative.insert(key_id.to_string(), until);
+        self.negative.insert(key_id, until);
     }
 
-    /// A background re-read of `key_id`'s row found it still valid: the
-    /// entry (its digest unchanged) is fresh again until `fresh_until`.
+    /// A re-read of the key's row found it live, with a stored hash whose
+    /// digest is `hash_fingerprint`. When that is the hash the entry was
+    /// verified against, the entry is fresh again until `fresh_until` and
+    /// this returns true; a changed hash drops the entry (the next request
+    /// verifies again) and returns false, as does a missing entry.
     pub fn refreshed(
         &mut self,
         principal: Rc<Principal>,
+        hash_fingerprint: [u8; 32],
         fresh_until: Instant,
         key_expires: Option<Instant>,
         now: Instant,
-    ) {
-        if let Some(e) = self.entries.get_mut(&principal.key_id) {
-            e.principal = principal;
-            e.fresh_until = fresh_until;
-            e.refresh_at = refresh_point(now, fresh_until);
-            e.stale_until = stale_point(now, fresh_until);
-            e.refreshing.set(false);
-            e.key_expires = key_expires;
+    ) -> bool {
+        let Some(key_id) = KeyId::new(&principal.key_id) else {
+            return false;
+        };
+        let Some(e) = self.entries.get_mut(&key_id) else {
+            return false;
+        };
+        if e.hash_fingerprint != hash_fingerprint {
+            self.entries.remove(&key_id);
+            return false;
         }
+        e.principal = principal;
+        e.fresh_until = fresh_until;
+        e.refresh_at = refresh_point(now, fresh_until);
+        e.stale_until = stale_point(now, fresh_until);
+        e.refreshing.set(false);
+        e.key_expires = key_expires;
+        true
     }
 
     /// A refresh could not run (the database did not answer): a later hit
     /// tries again.
     pub fn refresh_failed(&mut self, key_id: &str) {
-        if let Some(e) = self.entries.get(key_id) {
+        if let Some(e) = KeyId::new(key_id).and_then(|k| self.entries.get(&k)) {
             e.refreshing.set(false);
         }
     }
@@ -190,7 +229,7 @@ impl KeyCache {
     /// Until when the entry of `key_id` may be relied on (its cache TTL and
     /// its key's expiry, whichever comes first).
     pub fn valid_until(&self, key_id: &str) -> Option<Instant> {
-        let e = self.entries.get(key_id)?;
+        let e = self.entries.get(&KeyId::new(key_id)?)?;
         Some(
             e.key_expires
                 .map_or(e.fresh_until, |k| k.min(e.fresh_until)),
@@ -198,8 +237,10 @@ impl KeyCache {
     }
 
     pub fn invalidate(&mut self, key_id: &str) {
-        self.entries.remove(key_id);
-        self.negative.remove(key_id);
+        if let Some(key_id) = KeyId::new(key_id) {
+            self.entries.remove(&key_id);
+            self.negative.remove(&key_id);
+        }
     }
 
     /// Drops every entry of an organization (all its keys).
@@ -248,18 +289,24 @@ mod tests {
 
     use super::tests_support::principal;
 
+    const HASH: [u8; 32] = [7; 32];
+
     #[test]
     fn hit_wrong_secret_expiry_and_negative() {
         let mut c = KeyCache::new(10, 10);
         let now = Instant::now();
         let later = now + Duration::from_secs(60);
-        c.insert(principal("k1"), [1; 32], later, None, now);
+        c.insert(principal("k1"), [1; 32], HASH, later, None, now);
         assert!(matches!(c.lookup("k1", &[1; 32], now), Lookup::Hit(_)));
         assert!(matches!(c.lookup("k1", &[2; 32], now), Lookup::WrongSecret));
-        assert!(matches!(c.lookup("k1", &[1; 32], later), Lookup::Miss));
+        // Past the TTL the entry is kept, to be re-read before use.
+        assert!(matches!(c.lookup("k1", &[1; 32], later), Lookup::Expired));
+        assert!(matches!(c.lookup("k1", &[2; 32], later), Lookup::Expired));
+        // A key past its own expiry (rotation grace) is gone for good.
         c.insert(
             principal("k2"),
             [1; 32],
+            HASH,
             later,
             Some(now + Duration::from_secs(1)),
             now,
@@ -275,7 +322,7 @@ mod tests {
             Lookup::Miss
         ));
         c.invalidate("k1");
-        c.insert(principal("k1"), [1; 32], later, None, now);
+        c.insert(principal("k1"), [1; 32], HASH, later, None, now);
         c.invalidate("k1");
         assert!(matches!(c.lookup("k1", &[1; 32], now), Lookup::Miss));
     }
@@ -285,7 +332,7 @@ mod tests {
         let mut c = KeyCache::new(10, 10);
         let now = Instant::now();
         let ttl = Duration::from_secs(60);
-        c.insert(principal("k1"), [1; 32], now + ttl, None, now);
+        c.insert(principal("k1"), [1; 32], HASH, now + ttl, None, now);
         assert!(matches!(
             c.lookup("k1", &[1; 32], now + Duration::from_secs(47)),
             Lookup::Hit(_)
@@ -298,7 +345,7 @@ mod tests {
         // The refresh is slow: the entry holds a fifth of the TTL longer.
         let overdue = now + Duration::from_secs(70);
         assert!(matches!(c.lookup("k1", &[1; 32], overdue), Lookup::Hit(_)));
-        c.refreshed(principal("k1"), late + ttl, None, late);
+        assert!(c.refreshed(principal("k1"), HASH, late + ttl, None, late));
         assert!(matches!(
             c.lookup("k1", &[1; 32], now + ttl),
             Lookup::Hit(_)
@@ -307,7 +354,36 @@ mod tests {
             c.lookup("k1", &[2; 32], now + ttl),
             Lookup::WrongSecret
         ));
-        assert!(matches!(c.lookup("k1", &[1; 32], late + ttl), Lookup::Miss));
+        assert!(matches!(
+            c.lookup("k1", &[1; 32], late + ttl),
+            Lookup::Expired
+        ));
+    }
+
+    #[test]
+    fn a_reread_renews_an_expired_entry_only_for_the_same_stored_hash() {
+        let mut c = KeyCache::new(10, 10);
+        let now = Instant::now();
+        let ttl = Duration::from_secs(60);
+        c.insert(principal("k1"), [1; 32], HASH, now + ttl, None, now);
+        let after = now + ttl * 3;
+        assert!(matches!(c.lookup("k1", &[1; 32], after), Lookup::Expired));
+        // Same stored hash: fresh again, and the verified secret still decides.
+        assert!(c.refreshed(principal("k1"), HASH, after + ttl, None, after));
+        assert!(matches!(c.lookup("k1", &[1; 32], after), Lookup::Hit(_)));
+        assert!(matches!(
+            c.lookup("k1", &[2; 32], after),
+            Lookup::WrongSecret
+        ));
+        // Another stored hash: the entry is dropped, the next lookup misses
+        // (a full verification).
+        let later = after + ttl * 3;
+        assert!(matches!(c.lookup("k1", &[1; 32], later), Lookup::Expired));
+        assert!(!c.refreshed(principal("k1"), [8; 32], later + ttl, None, later));
+        assert!(matches!(c.lookup("k1", &[1; 32], later), Lookup::Miss));
+        // No entry: nothing to renew.
+        assert!(!c.refreshed(principal("k9"), HASH, later + ttl, None, later));
+        assert!(c.is_empty());
     }
 
     #[test]
@@ -318,6 +394,7 @@ mod tests {
             c.insert(
                 principal(&format!("k{i}")),
                 [0; 32],
+                HASH,
                 now + Duration::from_secs(60),
                 None,
                 now,

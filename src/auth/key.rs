@@ -116,6 +116,35 @@ pub fn verify_secret(secret: &str, phc: &str) -> bool {
         .is_ok()
 }
 
+/// A key id held inline, for the shards' maps: hashing and comparing it
+/// touches no heap string (ids are 12 characters; up to 15 fit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyId {
+    len: u8,
+    bytes: [u8; 15],
+}
+
+impl KeyId {
+    /// `None` for an id longer than 15 bytes (no key has one).
+    pub fn new(id: &str) -> Option<KeyId> {
+        let src = id.as_bytes();
+        let mut bytes = [0u8; 15];
+        bytes.get_mut(..src.len())?.copy_from_slice(src);
+        Some(KeyId {
+            len: src.len() as u8,
+            bytes,
+        })
+    }
+}
+
+/// A digest of a stored PHC string: a cache entry remembers which stored hash
+/// its secret was verified against, so a re-read of the row can tell whether
+/// the verification still holds without running Argon2 again.
+pub fn hash_fingerprint(phc: &str) -> [u8; 32] {
+    use sha2::Digest;
+    Sha256::digest(phc.as_bytes()).into()
+}
+
 /// A keyed digest of a secret, for cache comparisons (never the plaintext).
 #[derive(Clone)]
 pub struct SecretDigester {
@@ -184,6 +213,16 @@ mod tests {
         assert!(verify_secret("s3cret", &phc));
         assert!(!verify_secret("s3cret!", &phc));
         assert!(!verify_secret("s3cret", "not a phc string"));
+    }
+
+    #[test]
+    fn key_ids_held_inline() {
+        let id = KeyId::new("AB3kx9Zq01Lm").expect("12 characters fit");
+        assert_eq!(Some(id), KeyId::new("AB3kx9Zq01Lm"));
+        assert_ne!(Some(id), KeyId::new("AB3kx9Zq01Ln"));
+        assert_ne!(KeyId::new("a"), KeyId::new("a\0"));
+        assert!(KeyId::new(&"x".repeat(15)).is_some());
+        assert!(KeyId::new(&"x".repeat(16)).is_none());
     }
 
     #[test]

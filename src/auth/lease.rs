@@ -14,6 +14,7 @@
 //! second's worth), so what sits unused in leases is far inside ±2 %.
 //! Invalidations reach every shard and drop its leases of the key.
 
+use super::key::KeyId;
 use super::Principal;
 use crate::limit::Decision;
 use futures::channel::oneshot;
@@ -83,7 +84,7 @@ pub enum LeaseUse {
 
 /// The leases one shard holds on keys other shards own; bounded.
 pub struct LeaseTable {
-    leases: HashMap<String, Lease, ahash::RandomState>,
+    leases: HashMap<KeyId, Lease, ahash::RandomState>,
     capacity: usize,
 }
 
@@ -97,12 +98,15 @@ impl LeaseTable {
 
     /// Spends `cost` requests of `key_id`'s lease if it is live and has them.
     pub fn spend(&mut self, key_id: &str, digest: &[u8; 32], cost: u64, now: Instant) -> LeaseUse {
-        let Some(l) = self.leases.get_mut(key_id) else {
+        let Some(key_id) = KeyId::new(key_id) else {
+            return LeaseUse::Ask { refund: 0 };
+        };
+        let Some(l) = self.leases.get_mut(&key_id) else {
             return LeaseUse::Ask { refund: 0 };
         };
         if l.expires <= now {
             let refund = l.tokens;
-            self.leases.remove(key_id);
+            self.leases.remove(&key_id);
             return LeaseUse::Ask { refund };
         }
         if !crate::api::constant_time_eq(&l.digest, digest) {
@@ -110,7 +114,7 @@ impl LeaseTable {
         }
         if l.tokens < cost {
             let refund = l.tokens;
-            self.leases.remove(key_id);
+            self.leases.remove(&key_id);
             return LeaseUse::Ask { refund };
         }
         l.tokens -= cost;
@@ -129,11 +133,13 @@ impl LeaseTable {
         expires: Instant,
         now: Instant,
     ) {
-        let key_id = principal.key_id.clone();
+        let Some(key_id) = KeyId::new(&principal.key_id) else {
+            return;
+        };
         if self.leases.len() >= self.capacity && !self.leases.contains_key(&key_id) {
             self.leases.retain(|_, l| l.expires > now && l.tokens > 0);
             if self.leases.len() >= self.capacity {
-                let victim = self.leases.keys().next().cloned();
+                let victim = self.leases.keys().next().copied();
                 if let Some(v) = victim {
                     self.leases.remove(&v);
                 }
@@ -153,7 +159,9 @@ impl LeaseTable {
     }
 
     pub fn invalidate(&mut self, key_id: &str) {
-        self.leases.remove(key_id);
+        if let Some(key_id) = KeyId::new(key_id) {
+            self.leases.remove(&key_id);
+        }
     }
 
     pub fn clear(&mut self) {
