@@ -2,8 +2,9 @@
 //! sign-up validation, the admin token, authentication by either header,
 //! 401 codes held to one latency, rotation with and without grace (in one
 //! process and across two), rate limits over two shards, the failure
-//! throttle, connection handoff, secrets kept out of logs, and cached keys
-//! re-read past their TTL without a new Argon2id verification.
+//! throttle, connection handoff, secrets kept out of logs, concurrent
+//! misses sharing one verification, and cached keys re-read past their TTL
+//! without a new Argon2id verification.
 
 mod common;
 
@@ -773,4 +774,65 @@ fn keys_used_now_and_then_are_reread_past_their_ttl_without_argon2() {
     let swapped = format!("zt_{id}_{other_secret}");
     assert_eq!(get_keys(s.port, &swapped).status, 200);
     assert_eq!(verifications(&s), 4);
+}
+
+#[test]
+fn concurrent_misses_for_one_key_share_one_verification() {
+    let db = fresh_database();
+    // Two shards: half the connections land on the key's owner, half ask it
+    // for a lease; both kinds join one verification (Argon2id takes far
+    // longer than the requests take to arrive, even in a debug build).
+    let s = TestServer::start(
+        Some(&db),
+        &settings(&["cores.shards=[0,1]", "auth.max_failures_per_minute=1000000"]),
+    );
+    let key = new_api_key(s.port, "Crowd", "enterprise");
+    let wrong = format!("{}{}", &key[..16], "W".repeat(32));
+    let before = metric_sum(
+        &s.get("/metrics").text(),
+        "triggers_auth_verifications_total",
+    );
+    assert_eq!(before, 0, "generating a key verifies nothing");
+    // 24 connections, opened first, then one request each at the same
+    // moment: 16 with the right secret, 8 with one wrong secret.
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(24));
+    let port = s.port;
+    let clients: Vec<_> = (0..24)
+        .map(|i| {
+            let barrier = barrier.clone();
+            let k = if i < 16 { key.clone() } else { wrong.clone() };
+            std::thread::spawn(move || {
+                let mut c = connect(port);
+                let req = format!("GET /api/keys HTTP/1.1\r\nX-API-Key: {k}\r\n\r\n");
+                barrier.wait();
+                c.write_all(req.as_bytes()).expect("write");
+                read_responses(&mut c, 1)[0].status
+            })
+        })
+        .collect();
+    let statuses: Vec<u16> = clients
+        .into_iter()
+        .map(|c| c.join().expect("client"))
+        .collect();
+    assert!(statuses[..16].iter().all(|&s| s == 200), "{statuses:?}");
+    assert!(statuses[16..].iter().all(|&s| s == 401), "{statuses:?}");
+    let text = s.get("/metrics").text();
+    // One Argon2 run for the right secret and one for the wrong one, however
+    // many requests and shards waited on them.
+    assert_eq!(
+        metric_sum(&text, "triggers_auth_verifications_total"),
+        2,
+        "{text}"
+    );
+    // Later requests are cache or lease hits: no more verifications.
+    for _ in 0..5 {
+        assert_eq!(get_keys(s.port, &key).status, 200);
+    }
+    assert_eq!(
+        metric_sum(
+            &s.get("/metrics").text(),
+            "triggers_auth_verifications_total"
+        ),
+        2
+    );
 }
