@@ -427,6 +427,14 @@ fn submit_reread(ctx: &Rc<ShardCtx>, key_id: &str) -> Result<Reply<VerifyAnswer>
     Ok(reply)
 }
 
+/// How long a verified or re-read entry is trusted: the configured TTL less
+/// up to a fifth at random, so keys cached together (a warm-up, a restart)
+/// do not all come due for a re-read at once.
+fn entry_ttl(c: &ShardCtx) -> Duration {
+    let ttl = Duration::from_secs(c.shared.config.auth.cache_ttl_seconds);
+    ttl.saturating_sub(ttl.mul_f64(rand::random::<f64>() / 5.0))
+}
+
 /// Turns a pool's answer into the cache's new state and the waiters'
 /// verdict. A re-read that finds the hash the entry was verified against
 /// renews the entry and settles from it; one that finds another hash (or
@@ -442,7 +450,7 @@ async fn settle(
     if reread {
         if let Ok(Ok(VerifyAnswer::Valid(p, expires_in, fingerprint))) = answer {
             let now = Instant::now();
-            let ttl = Duration::from_secs(c.shared.config.auth.cache_ttl_seconds);
+            let ttl = entry_ttl(c);
             {
                 let mut cache = c.auth.cache.borrow_mut();
                 let renewed = cache.refreshed(
@@ -470,7 +478,7 @@ async fn settle(
     match answer {
         Ok(Ok(VerifyAnswer::Valid(p, expires_in, fingerprint))) => {
             let p = Rc::new(*p);
-            let ttl = Duration::from_secs(c.shared.config.auth.cache_ttl_seconds);
+            let ttl = entry_ttl(c);
             c.auth.cache.borrow_mut().insert(
                 p.clone(),
                 slot.1,
@@ -523,7 +531,9 @@ fn load_key(
     client: &mut postgres::Client,
     key_id: &str,
 ) -> Result<Option<(String, Principal, Option<Duration>)>, StoreError> {
-    let row = client.query_opt(
+    // One round trip (parse, bind and execute together), not a prepare and
+    // then an execute.
+    let row = client.query_typed_opt(
         &format!(
             "SELECT k.secret_hash, o.organization_id, o.name, o.tier,
                     extract(epoch FROM k.expires_at - now())::float8,
@@ -535,7 +545,7 @@ fn load_key(
             crate::store::ts("o.created_at"),
             crate::store::ts("o.updated_at")
         ),
-        &[&key_id],
+        &[(&key_id, postgres::types::Type::TEXT)],
     )?;
     Ok(row.map(|row| {
         let expires_in: Option<f64> = row.get(4);
@@ -576,7 +586,7 @@ pub(super) fn refresh(ctx: &Rc<ShardCtx>, key_id: &str) {
     (ctx.hooks.spawn)(Box::pin(async move {
         let answer = reply.await;
         let now = Instant::now();
-        let ttl = Duration::from_secs(c.shared.config.auth.cache_ttl_seconds);
+        let ttl = entry_ttl(&c);
         let mut cache = c.auth.cache.borrow_mut();
         match answer {
             Ok(Ok(Some((principal, expires_in, fingerprint)))) => {
