@@ -6,7 +6,7 @@
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 use triggers::auth::key::{self, SecretDigester};
-use triggers::auth::{KeyCache, Lookup, Principal};
+use triggers::auth::{KeyCache, Lookup, Principal, PrincipalFields};
 use triggers::limit::RateLimiter;
 
 fn main() {
@@ -22,7 +22,7 @@ fn main() {
         .map(|i| {
             let org = uuid::Uuid::new_v4();
             let (key_id, secret, full) = key::generate(org);
-            let p = Rc::new(Principal {
+            let p = Rc::new(Principal::from(PrincipalFields {
                 organization_id: org,
                 organization_name: format!("org {i}"),
                 tier: "enterprise".into(),
@@ -30,7 +30,7 @@ fn main() {
                 created_at: String::new(),
                 updated_at: String::new(),
                 webhook_url: None,
-            });
+            }));
             cache.insert(
                 p,
                 digester.digest(&secret),

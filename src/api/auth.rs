@@ -13,7 +13,7 @@
 use super::leases::{borrow, Ask, Askers, Borrowed};
 use super::{ApiError, Handled, ShardCtx};
 use crate::auth::lease::{LeaseTable, LeaseUse};
-use crate::auth::{key, Lookup, Principal};
+use crate::auth::{key, Lookup, Principal, PrincipalFields};
 use crate::http::{Request, Response};
 use crate::limit::Decision;
 use crate::store::{Reply, StoreError};
@@ -306,7 +306,7 @@ fn admit(
     cost: u64,
     handler: AuthedHandler,
 ) -> Handled {
-    let limit = limit_for_tier(ctx, &principal.tier);
+    let limit = limit_for_tier(ctx, principal.tier());
     let d =
         ctx.auth
             .limiter
@@ -549,7 +549,7 @@ fn load_key(
     )?;
     Ok(row.map(|row| {
         let expires_in: Option<f64> = row.get(4);
-        let principal = Principal {
+        let principal = Principal::from(PrincipalFields {
             organization_id: row.get(1),
             organization_name: row.get(2),
             tier: row.get(3),
@@ -557,7 +557,7 @@ fn load_key(
             created_at: row.get(5),
             updated_at: row.get(6),
             webhook_url: row.get(7),
-        };
+        });
         (
             row.get(0),
             principal,

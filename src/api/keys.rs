@@ -130,14 +130,14 @@ pub fn show(ctx: &Rc<ShardCtx>, _req: Request, p: Rc<Principal>) -> Handled {
     Handled::Ready(Ok(json_response(
         200,
         &KeyInfo {
-            created_at: &p.created_at,
-            key_id: &p.key_id,
+            created_at: p.created_at(),
+            key_id: p.key_id(),
             organization_id: p.organization_id,
-            organization_name: &p.organization_name,
-            rate_limit_per_minute: limit_for_tier(ctx, &p.tier),
-            tier: &p.tier,
-            updated_at: &p.updated_at,
-            webhook_url: p.webhook_url.as_deref(),
+            organization_name: p.organization_name(),
+            rate_limit_per_minute: limit_for_tier(ctx, p.tier()),
+            tier: p.tier(),
+            updated_at: p.updated_at(),
+            webhook_url: p.webhook_url(),
         },
     )))
 }
@@ -170,7 +170,7 @@ pub fn rotate(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
         Err(e) => return Handled::Ready(Err(e)),
     };
     let params = ctx.shared.hash_params;
-    let (org, old_key) = (p.organization_id, p.key_id.clone());
+    let (org, old_key) = (p.organization_id, p.key_id().to_string());
     let job = ctx.shared.verifier.submit(move |client| {
         let (key_id, secret, full) = key::generate(org);
         let hash = key::hash_secret(&secret, params).map_err(StoreError::Unavailable)?;
@@ -207,10 +207,10 @@ pub fn rotate(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
         // This shard owns the old key (rotation is handed to the owner): its
         // entry goes now, before the answer. The other shards' leases of it
         // go by message now too; other processes hear the NOTIFY.
-        ctx.auth.cache.borrow_mut().invalidate(&p.key_id);
+        ctx.auth.cache.borrow_mut().invalidate(p.key_id());
         for (shard, inbox) in ctx.shared.invalidations.iter().enumerate() {
             if shard != ctx.id {
-                let _ = inbox.unbounded_send(Invalidation::Key(p.key_id.clone()));
+                let _ = inbox.unbounded_send(Invalidation::Key(p.key_id().to_string()));
             }
         }
         Ok(json_response(

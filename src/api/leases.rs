@@ -193,7 +193,7 @@ fn grant(
     r: &LeaseRequest,
     now: Instant,
 ) -> LeaseAnswer {
-    let limit = limit_for_tier(ctx, &principal.tier);
+    let limit = limit_for_tier(ctx, principal.tier());
     let org = principal.organization_id;
     let now_ns = ctx.now_ns();
     let (d, tokens) = {

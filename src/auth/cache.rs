@@ -17,17 +17,7 @@ use std::time::Instant;
 
 use super::key::KeyId;
 
-/// An authenticated organization, as requests see it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Principal {
-    pub organization_id: uuid::Uuid,
-    pub organization_name: String,
-    pub tier: String,
-    pub key_id: String,
-    pub created_at: String,
-    pub updated_at: String,
-    pub webhook_url: Option<String>,
-}
+use super::Principal;
 
 struct Entry {
     principal: Rc<Principal>,
@@ -138,7 +128,7 @@ impl KeyCache {
         key_expires: Option<Instant>,
         now: Instant,
     ) {
-        let Some(key_id) = KeyId::new(&principal.key_id) else {
+        let Some(key_id) = KeyId::new(principal.key_id()) else {
             return;
         };
         self.negative.remove(&key_id);
@@ -199,7 +189,7 @@ impl KeyCache {
         key_expires: Option<Instant>,
         now: Instant,
     ) -> bool {
-        let Some(key_id) = KeyId::new(&principal.key_id) else {
+        let Some(key_id) = KeyId::new(principal.key_id()) else {
             return false;
         };
         let Some(e) = self.entries.get_mut(&key_id) else {
@@ -266,11 +256,11 @@ impl KeyCache {
 /// A principal for unit tests (here and in `lease.rs`).
 #[cfg(test)]
 pub(crate) mod tests_support {
-    use super::Principal;
+    use super::super::{Principal, PrincipalFields};
     use std::rc::Rc;
 
     pub fn principal(key_id: &str) -> Rc<Principal> {
-        Rc::new(Principal {
+        Rc::new(Principal::from(PrincipalFields {
             organization_id: uuid::Uuid::new_v4(),
             organization_name: "o".into(),
             tier: "free".into(),
@@ -278,7 +268,7 @@ pub(crate) mod tests_support {
             created_at: String::new(),
             updated_at: String::new(),
             webhook_url: None,
-        })
+        }))
     }
 }
 

@@ -133,7 +133,7 @@ impl LeaseTable {
         expires: Instant,
         now: Instant,
     ) {
-        let Some(key_id) = KeyId::new(&principal.key_id) else {
+        let Some(key_id) = KeyId::new(principal.key_id()) else {
             return;
         };
         if self.leases.len() >= self.capacity && !self.leases.contains_key(&key_id) {
@@ -205,7 +205,7 @@ mod tests {
         t.install(principal("k"), [1; 32], 3, decision(50), later, now);
         match t.spend("k", &[1; 32], 1, now) {
             LeaseUse::Spent(p, d) => {
-                assert_eq!(p.key_id, "k");
+                assert_eq!(p.key_id(), "k");
                 assert_eq!(d.remaining, 52);
             }
             _ => panic!("expected a spend"),

@@ -6,5 +6,7 @@ pub mod cache;
 pub mod invalidation;
 pub mod key;
 pub mod lease;
+pub mod principal;
 
-pub use cache::{KeyCache, Lookup, Principal};
+pub use cache::{KeyCache, Lookup};
+pub use principal::{Principal, PrincipalFields};
