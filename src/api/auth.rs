@@ -1,10 +1,11 @@
 //! The authenticated part of the request path: failure throttle per client
 //! address → key from `X-API-Key` or `Authorization: Bearer` → on the key's
 //! owner shard, the shard's key cache (on a miss, one coalesced verification
-//! — database read and Argon2id — on the verifier pool) and the
-//! organization's rate limit; on any other shard, a lease from the owner
-//! (`leases.rs`) → the handler. Every response after the rate limit carries
-//! the rate-limit headers.
+//! — database read and Argon2id — on the verifier pool; past an entry's TTL,
+//! one coalesced re-read of the key's row on a query worker, with Argon2id
+//! only if the stored hash changed) and the organization's rate limit; on
+//! any other shard, a lease from the owner (`leases.rs`) → the handler.
+//! Every response after the rate limit carries the rate-limit headers.
 //!
 //! No timing oracle: every 401 (missing, malformed, unknown, wrong secret,
 //! revoked) is held until `auth.failure_delay_ms` after the request started,
