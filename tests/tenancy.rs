@@ -116,6 +116,9 @@ fn sign_up_validation_and_admin_token() {
         call(s.port, "GET", "/api/keys/generate", &[], None).status,
         405
     );
+    // Open sign-up is announced once, at start.
+    let open = "auth.admin_token is not set";
+    assert_eq!(s.log_text().matches(open).count(), 1, "{}", s.log_text());
 
     // With an admin token, sign-up needs it.
     let db = fresh_database();
@@ -148,6 +151,7 @@ fn sign_up_validation_and_admin_token() {
         body,
     );
     assert_eq!(r.status, 201);
+    assert!(!s.log_text().contains(open), "{}", s.log_text());
 }
 
 #[test]
