@@ -840,3 +840,43 @@ fn concurrent_misses_for_one_key_share_one_verification() {
         2
     );
 }
+
+#[test]
+fn keys_are_stored_as_argon2id_with_the_configured_parameters() {
+    let db = fresh_database();
+    let stored = |s: &TestServer, name: &str| {
+        let key = new_api_key(s.port, name, "free");
+        let key_id = key.split('_').nth(1).expect("key id").to_string();
+        let mut c = postgres::Client::connect(&db, postgres::NoTls).expect("connect");
+        let hash: String = c
+            .query_one(
+                "SELECT secret_hash FROM api_keys WHERE key_id = $1",
+                &[&key_id],
+            )
+            .expect("the key's row")
+            .get(0);
+        assert!(!hash.contains(&key[16..]), "the secret itself is stored");
+        assert_eq!(get_keys(s.port, &key).status, 200);
+        hash
+    };
+    {
+        // The default parameters (no fast test ones): slow in a debug
+        // build, so only one key.
+        let s = TestServer::start(Some(&db), &["cores.shards=[0]"]);
+        let hash = stored(&s, "Defaults");
+        assert!(
+            hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+            "{hash}"
+        );
+    }
+    let s = TestServer::start(
+        Some(&db),
+        &settings(&[
+            "cores.shards=[0]",
+            "auth.argon2_memory_kib=8192",
+            "auth.argon2_iterations=1",
+        ]),
+    );
+    let hash = stored(&s, "Configured");
+    assert!(hash.starts_with("$argon2id$v=19$m=8192,t=1,p=1$"), "{hash}");
+}
