@@ -3,7 +3,8 @@
 //! Each shard owns one [`ShardMetrics`]; only that shard's thread writes it
 //! (a relaxed load and store: no lock-prefixed read-modify-write, no cache
 //! line shared between writers). A scrape on any shard reads every shard's
-//! values and prints them labelled by shard.
+//! values and prints them labelled by shard. The few process-wide series
+//! (embedded PostgreSQL restarts) follow them.
 
 use crate::api::Route;
 use std::fmt::Write as _;
@@ -179,6 +180,30 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
+/// Restarts of the embedded PostgreSQL by its supervisor. Process-wide: one
+/// supervisor thread writes it, rarely, off the request path.
+static EMBEDDED_DB_RESTARTS: AtomicU64 = AtomicU64::new(0);
+
+/// Counts one restart of the embedded PostgreSQL; returns the new total.
+pub fn count_embedded_db_restart() -> u64 {
+    EMBEDDED_DB_RESTARTS.fetch_add(1, Relaxed) + 1
+}
+
+/// The process-wide series (not per shard).
+fn render_process(out: &mut String) {
+    family(
+        out,
+        "triggers_embedded_db_restarts_total",
+        "counter",
+        "Times the embedded PostgreSQL was started again after its postmaster died.",
+    );
+    let _ = writeln!(
+        out,
+        "triggers_embedded_db_restarts_total {}",
+        EMBEDDED_DB_RESTARTS.load(Relaxed)
+    );
+}
+
 /// Renders every shard's metrics as Prometheus text.
 pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
     let mut out = String::with_capacity(4096);
@@ -347,6 +372,7 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
             );
         }
     }
+    render_process(&mut out);
     out
 }
 

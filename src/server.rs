@@ -1,7 +1,8 @@
 //! Start-up and shutdown of `triggers serve`: lock the data directory, bring
 //! up PostgreSQL (the embedded cluster when no URL is configured), migrate,
-//! start the query workers and the shards, wait for SIGINT/SIGTERM, then stop
-//! everything in reverse order and exit 0.
+//! start the query workers and the shards (and the embedded cluster's
+//! supervisor), wait for SIGINT/SIGTERM, then stop everything in reverse
+//! order and exit 0.
 
 use crate::api::Shared;
 use crate::auth::key::{HashParams, SecretDigester};
@@ -9,6 +10,7 @@ use crate::config::Config;
 use crate::metrics::ShardMetrics;
 use crate::shard;
 use crate::store::local_cluster::{self, LocalCluster};
+use crate::store::supervisor::{self, ClusterSupervisor};
 use crate::store::{migrations, DbSettings, QueryPool, StoreError};
 use crate::topology::CorePlan;
 use std::fs::{File, OpenOptions};
@@ -99,6 +101,9 @@ pub fn open_database(config: &Config) -> Result<(DbSettings, Option<LocalCluster
         return Ok((settings, None));
     }
     let t = Instant::now();
+    // The postmaster pg_ctl leaves behind becomes our child: its death is
+    // seen and reaped by the supervisor.
+    supervisor::become_subreaper();
     let mut cluster = LocalCluster::open(&config.data_dir, &config.database.pg_bin_dir)?;
     cluster.start()?;
     log::info!(
@@ -132,7 +137,7 @@ pub fn serve(config: Config, plan: CorePlan) -> Result<(), ServeError> {
             "auth.admin_token is not set: anyone who reaches this server can create organizations"
         );
     }
-    let (settings, mut cluster) = open_database(&config)?;
+    let (settings, cluster) = open_database(&config)?;
     let hash_params = HashParams {
         memory_kib: config.auth.argon2_memory_kib,
         iterations: config.auth.argon2_iterations,
@@ -164,6 +169,8 @@ pub fn serve(config: Config, plan: CorePlan) -> Result<(), ServeError> {
             }
         }
     }
+    // From here the embedded cluster is watched and restarted if it dies.
+    let mut supervisor = cluster.map(|c| ClusterSupervisor::start(c, supervisor::CHECK_INTERVAL));
     let (queries, mut workers) = QueryPool::start(
         "query",
         settings.clone(),
@@ -261,8 +268,11 @@ pub fn serve(config: Config, plan: CorePlan) -> Result<(), ServeError> {
     }
     listener_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = listener.join();
-    if let Some(c) = cluster.as_mut() {
+    // The supervisor stops first, so that stopping the cluster is not seen
+    // as a death to repair.
+    if let Some(mut c) = supervisor.as_mut().and_then(ClusterSupervisor::stop) {
         c.stop()?;
+        supervisor::reap_adopted_postgres();
         log::info!("embedded PostgreSQL stopped");
     }
     if shard::SHARD_FAILED.load(std::sync::atomic::Ordering::Acquire) {

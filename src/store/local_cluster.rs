@@ -3,7 +3,8 @@
 //! started and stopped with `pg_ctl`. It listens on 127.0.0.1 only, on a port
 //! picked at each start, with a generated password (scram-sha-256) kept in
 //! `<data_dir>/pg-password`. `initdb` refuses to run as root, so when this
-//! process is root the cluster runs as the `postgres` user.
+//! process is root the cluster runs as the `postgres` user. A postmaster that
+//! dies is started again by `store::supervisor` through [`LocalCluster::restart`].
 
 use std::fs;
 use std::os::unix::fs::{chown, PermissionsExt};
@@ -148,6 +149,22 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// Starts the cluster again after its postmaster died: same data
+    /// directory and same port, so the connection URLs handed out stay
+    /// valid. A postmaster found running (started by someone else) is kept.
+    pub fn restart(&mut self) -> Result<(), ClusterError> {
+        if self.status_running() {
+            return Ok(());
+        }
+        self.pg_ctl_start()
+    }
+
+    /// The postmaster's pid: the first line of `postmaster.pid`.
+    pub fn postmaster_pid(&self) -> Option<i32> {
+        let text = fs::read_to_string(self.pgdata.join("postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
+    }
+
     fn pg_ctl_start(&self) -> Result<(), ClusterError> {
         let conf = self.pgdata.join("triggers.conf");
         write_private(&conf, &format!("port = {}\n", self.port), self.run_as)?;
@@ -206,6 +223,10 @@ impl LocalCluster {
             return Ok(());
         }
         self.running = false;
+        if !self.status_running() {
+            // Its postmaster died and was not started again: nothing to stop.
+            return Ok(());
+        }
         self.pg_ctl_stop()
     }
 

@@ -1,10 +1,11 @@
 //! PostgreSQL: connection settings, embedded migrations, the query workers
 //! that serve shards, and the embedded local cluster used when no
-//! `database.url` is configured.
+//! `database.url` is configured (with its supervisor).
 
 pub mod local_cluster;
 pub mod migrations;
 pub mod orgs;
+pub mod supervisor;
 pub mod workers;
 
 pub use workers::{QueryPool, Reply};
