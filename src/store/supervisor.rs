@@ -95,11 +95,7 @@ fn watch(mut cluster: LocalCluster, rx: &mpsc::Receiver<()>, interval: Duration)
 
 /// Restarts the cluster, retrying with a growing (bounded) delay. Returns
 /// the new postmaster's pid, or `None` when told to stop first.
-fn restart(
-    cluster: &mut LocalCluster,
-    rx: &mpsc::Receiver<()>,
-    dead: i32,
-) -> Option<Option<i32>> {
+fn restart(cluster: &mut LocalCluster, rx: &mpsc::Receiver<()>, dead: i32) -> Option<Option<i32>> {
     let started = Instant::now();
     let mut delay = FIRST_RETRY;
     let mut attempt = 1u32;
@@ -163,7 +159,11 @@ fn postmaster_alive(pid: i32) -> bool {
 
 /// `(comm, state, ppid)` of a process, from `/proc/<pid>/stat`.
 fn proc_stat(pid: i32) -> Option<(String, char, i32)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// The name is between the first `(` and the last `)`: it may hold either.
+fn parse_stat(text: &str) -> Option<(String, char, i32)> {
     let open = text.find('(')?;
     let close = text.rfind(')')?;
     let comm = text.get(open + 1..close)?.to_string();
@@ -182,7 +182,10 @@ pub fn reap_adopted_postgres() {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return;
     };
-    for pid in entries.flatten().filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok()) {
+    for pid in entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+    {
         if let Some((comm, 'Z', ppid)) = proc_stat(pid) {
             if ppid == me && comm == "postgres" {
                 let mut status = 0;
@@ -199,6 +202,11 @@ mod tests {
 
     #[test]
     fn reads_comm_state_and_parent_even_with_parentheses_in_the_name() {
+        assert_eq!(
+            parse_stat("4242 (post (gres) x) Z 17 4242 4242 0 -1"),
+            Some(("post (gres) x".to_string(), 'Z', 17))
+        );
+        assert_eq!(parse_stat("4242 (postgres"), None);
         let me = std::process::id() as i32;
         let (comm, state, ppid) = proc_stat(me).expect("own stat");
         assert!(!comm.is_empty());
