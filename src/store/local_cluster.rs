@@ -151,12 +151,13 @@ impl LocalCluster {
 
     /// Starts the cluster again after its postmaster died: same data
     /// directory and same port, so the connection URLs handed out stay
-    /// valid. A postmaster found running (started by someone else) is kept.
-    pub fn restart(&mut self) -> Result<(), ClusterError> {
+    /// valid. A postmaster found running (started by someone else) is kept:
+    /// returns whether this call started it.
+    pub fn restart(&mut self) -> Result<bool, ClusterError> {
         if self.status_running() {
-            return Ok(());
+            return Ok(false);
         }
-        self.pg_ctl_start()
+        self.pg_ctl_start().map(|()| true)
     }
 
     /// The postmaster's pid: the first line of `postmaster.pid`.

@@ -102,7 +102,13 @@ fn restart(cluster: &mut LocalCluster, rx: &mpsc::Receiver<()>, dead: i32) -> Op
     loop {
         reap_adopted_postgres();
         match cluster.restart() {
-            Ok(()) => {
+            Ok(false) => {
+                log::warn!(
+                    "embedded PostgreSQL postmaster (pid {dead}) was gone; another one runs now (started from outside), kept"
+                );
+                return Some(cluster.postmaster_pid());
+            }
+            Ok(true) => {
                 let n = crate::metrics::count_embedded_db_restart();
                 log::warn!(
                     "embedded PostgreSQL postmaster (pid {dead}) was gone; restarted it on 127.0.0.1:{} after {attempt} attempt(s) in {:.1} s (restart #{n})",
