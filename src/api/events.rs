@@ -129,6 +129,21 @@ pub fn create(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
     }))
 }
 
+/// The 202 answer of `POST /api/events`, serialized once (and stored as is
+/// for an `Idempotency-Key` replay).
+#[derive(serde::Serialize)]
+struct Accepted<'a> {
+    id: uuid::Uuid,
+    #[serde(rename = "type")]
+    event_type: &'a str,
+    status: &'static str,
+    created_at: &'a str,
+    dedup_id: Option<&'a str>,
+    /// `"memory"` when the 202 comes before the commit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    durability: Option<&'static str>,
+}
+
 /// Mints the id, hands the event to the persistence core, answers after the commit.
 fn enqueue(
     ctx: &Rc<ShardCtx>,
@@ -139,20 +154,25 @@ fn enqueue(
     let created_at = crate::time::now_micros();
     let id = ctx.ids.borrow_mut().next(created_at.max(0) as u64 / 1000);
     let (done, committed) = oneshot::channel();
-    let answer = json!({
-        "id": id,
-        "type": event.event_type,
-        "status": "accepted",
-        "created_at": crate::time::rfc3339_micros(created_at),
-        "dedup_id": event.dedup_id,
-    });
+    let memory = ctx.shared.config.ingest.ack == "memory";
+    let answer = serde_json::to_vec(&Accepted {
+        id,
+        event_type: &event.event_type,
+        status: "accepted",
+        created_at: &crate::time::rfc3339_micros(created_at),
+        dedup_id: event.dedup_id.as_deref(),
+        durability: memory.then_some("memory"),
+    })
+    .unwrap_or_default();
     let idempotency = idempotency.map(|(key, request_digest)| IdempotencyRecord {
         organization_id: org,
         key,
         request_digest,
         status: 202,
-        body: serde_json::to_vec(&answer).unwrap_or_default(),
+        body: answer.clone(),
     });
+    // Kept for a 409's details only when there is one.
+    let dedup_id = event.dedup_id.clone();
     let row = EventRow {
         organization_id: org,
         id,
@@ -167,20 +187,18 @@ fn enqueue(
         return Handled::Ready(Err(e));
     }
     ctx.metrics.events_accepted.inc();
-    if ctx.shared.config.ingest.ack == "memory" {
-        let mut a = answer;
-        a["durability"] = json!("memory");
+    if memory {
         // Long-polling readers are woken by the commit (the persistence core
         // tells every shard), not the enqueue. A duplicate dedup_id is
         // dropped silently here: the 202 went out already.
         drop(committed);
-        return Handled::Ready(Ok(json_response(202, &a)));
+        return Handled::Ready(Ok(Response::json(202, answer)));
     }
     Handled::Pending(Box::pin(async move {
         let outcome = committed.await.map_err(|_| ApiError::internal())?;
         match outcome.first() {
-            Some(RowOutcome::Stored) => Ok(json_response(202, &answer)),
-            Some(other) => Err(row_error(other, &answer["dedup_id"])),
+            Some(RowOutcome::Stored) => Ok(Response::json(202, answer)),
+            Some(other) => Err(row_error(other, &json!(dedup_id))),
             None => Err(ApiError::internal()),
         }
     }))
