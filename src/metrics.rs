@@ -347,6 +347,7 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
             );
         }
     }
+    crate::supervise::render(&mut out);
     out
 }
 
@@ -481,5 +482,6 @@ mod tests {
         ));
         assert!(text.contains("status=\"other\"} 1"));
         assert!(text.contains("triggers_connections_open{shard=\"1\",core=\"1\"} 3"));
+        assert!(text.contains("triggers_worker_panics_total{pool=\"verify\"} "));
     }
 }

@@ -26,6 +26,22 @@ pub enum StoreError {
     Overloaded,
     #[error("database error: {0}")]
     Query(#[from] postgres::Error),
+    /// A row without the column or type the code expects: a bug or a
+    /// schema drift, answered 500 `internal_error` (see [`RowExt::col`]).
+    #[error("unexpected row: {0}")]
+    Row(postgres::Error),
+}
+
+/// Typed column reads on the request path: `Row::get` panics on a missing
+/// column or another type; `col` is `try_get` with the error typed.
+pub trait RowExt {
+    fn col<'a, T: postgres::types::FromSql<'a>>(&'a self, idx: usize) -> Result<T, StoreError>;
+}
+
+impl RowExt for postgres::Row {
+    fn col<'a, T: postgres::types::FromSql<'a>>(&'a self, idx: usize) -> Result<T, StoreError> {
+        self.try_get(idx).map_err(StoreError::Row)
+    }
 }
 
 impl StoreError {
@@ -33,7 +49,7 @@ impl StoreError {
     pub fn is_connection_error(&self) -> bool {
         match self {
             StoreError::Unavailable(_) => true,
-            StoreError::Overloaded => false,
+            StoreError::Overloaded | StoreError::Row(_) => false,
             StoreError::Query(e) => e.is_closed() || e.as_db_error().is_none(),
         }
     }
