@@ -367,8 +367,9 @@ pub(super) fn verify(
 
 /// Adds a waiter to a coalesced verification or lease ask. Before the list
 /// would grow its allocation, waiters whose requests went away (timed out,
-/// connection closed) are dropped: amortized O(1), and a list never holds
-/// more than twice the requests still waiting.
+/// connection closed) are dropped: amortized O(1), and gone requests never
+/// make a list grow (it stays within twice the most requests that ever
+/// waited on it at once).
 pub(super) fn join<T>(waiters: &mut Vec<oneshot::Sender<T>>, tx: oneshot::Sender<T>) {
     if waiters.len() == waiters.capacity() {
         waiters.retain(|w| !w.is_canceled());
