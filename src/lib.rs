@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod bounded;
 pub mod config;
 pub mod engine;
 pub mod http;
@@ -15,5 +16,6 @@ pub mod persist;
 pub mod server;
 pub mod shard;
 pub mod store;
+pub mod supervise;
 pub mod time;
 pub mod topology;

@@ -373,6 +373,7 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
         }
     }
     render_process(&mut out);
+    crate::supervise::render(&mut out);
     out
 }
 
@@ -517,5 +518,6 @@ mod tests {
         ));
         assert!(text.contains("status=\"other\"} 1"));
         assert!(text.contains("triggers_connections_open{shard=\"1\",core=\"1\"} 3"));
+        assert!(text.contains("triggers_worker_panics_total{pool=\"verify\"} "));
     }
 }

@@ -11,7 +11,7 @@ use crate::metrics::ShardMetrics;
 use crate::shard;
 use crate::store::local_cluster::{self, LocalCluster};
 use crate::store::supervisor::{self, ClusterSupervisor};
-use crate::store::{migrations, DbSettings, QueryPool, StoreError};
+use crate::store::{migrations, DbSettings, QueryPool, RowExt, StoreError};
 use crate::topology::CorePlan;
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
@@ -158,7 +158,7 @@ pub fn serve(config: Config, plan: CorePlan) -> Result<(), ServeError> {
             let orgs: i64 = client
                 .query_one("SELECT count(*) FROM organizations", &[])
                 .map_err(StoreError::from)?
-                .get(0);
+                .col(0)?;
             if orgs == 0 {
                 first_key = Some(crate::store::orgs::create(
                     &mut client,
@@ -189,7 +189,7 @@ pub fn serve(config: Config, plan: CorePlan) -> Result<(), ServeError> {
     let (invalidation_tx, invalidation_rx): (Vec<_>, Vec<_>) = plan
         .shards
         .iter()
-        .map(|_| futures::channel::mpsc::unbounded())
+        .map(|_| crate::auth::invalidation::channel(crate::auth::invalidation::INBOX_CAPACITY))
         .unzip();
     let listener_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let invalidations = invalidation_tx.clone();

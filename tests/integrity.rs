@@ -426,3 +426,51 @@ fn the_earlier_clients_spellings_are_accepted() {
         (Some(true), Some(1))
     );
 }
+
+#[test]
+fn a_panicking_persistence_writer_fails_its_batch_and_goes_on() {
+    let db = fresh_database();
+    // Debug builds only: the writer panics on its first batch.
+    let s = TestServer::start_env(
+        Some(&db),
+        &settings(&["cores.shards=[0]"]),
+        &[("TRIGGERS_DEBUG_PANIC_ON", "persist")],
+    );
+    let key = new_api_key(s.port, "Panics", "pro");
+    let r = post(
+        s.port,
+        &key,
+        "/api/events",
+        r#"{"type":"first","payload":1}"#,
+    );
+    assert_eq!(r.status, 500, "{}", r.text());
+    assert_eq!(r.json()["code"], "internal_error");
+    for i in 0..5 {
+        let r = post(
+            s.port,
+            &key,
+            "/api/events",
+            &format!(r#"{{"type":"after","payload":{i}}}"#),
+        );
+        assert_eq!(r.status, 202, "{}", r.text());
+    }
+    let metrics = s.get("/metrics").text();
+    assert_eq!(
+        metric_sum(&metrics, "triggers_worker_panics_total{pool=\"persist\"}"),
+        1
+    );
+    let mut c = postgres::Client::connect(&db, postgres::NoTls).expect("connect");
+    let types: Vec<String> = c
+        .query("SELECT type FROM events ORDER BY id", &[])
+        .expect("select")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(types, ["after"; 5]);
+    let log = s.log_text();
+    assert_eq!(
+        log.matches("a persist worker job panicked").count(),
+        1,
+        "{log}"
+    );
+}

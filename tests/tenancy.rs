@@ -520,20 +520,6 @@ fn percentile(v: &mut [Duration], p: usize) -> Duration {
     v[(v.len() * p / 100).min(v.len() - 1)]
 }
 
-/// Connects from a chosen loopback address (the failure throttle is per address).
-fn connect_from(local: &str, port: u16) -> std::net::TcpStream {
-    use socket2::{Domain, Socket, Type};
-    let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
-    let local: std::net::SocketAddr = format!("{local}:0").parse().expect("addr");
-    s.bind(&local.into()).expect("bind");
-    let remote: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    s.connect(&remote.into()).expect("connect");
-    let s: std::net::TcpStream = s.into();
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    s
-}
-
 #[test]
 fn a_flood_of_random_keys_leaves_legitimate_clients_served() {
     let _heavy = heavy();

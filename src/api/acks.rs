@@ -8,7 +8,7 @@
 //! (`ACK_BATCH`).
 
 use super::{answer, ApiError, ShardCtx};
-use crate::store::ts;
+use crate::store::{ts, RowExt, StoreError};
 use futures::channel::oneshot;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -87,10 +87,9 @@ fn send_batch(ctx: &Rc<ShardCtx>) {
             ),
             &[&orgs, &ids],
         )?;
-        Ok(rows
-            .iter()
-            .map(|r| ((r.get(0), r.get(1)), r.get(2)))
-            .collect::<HashMap<(uuid::Uuid, uuid::Uuid), String>>())
+        rows.iter()
+            .map(|r| Ok(((r.col(0)?, r.col(1)?), r.col(2)?)))
+            .collect::<Result<HashMap<(uuid::Uuid, uuid::Uuid), String>, StoreError>>()
     });
     let reply = match submitted {
         Ok(reply) => reply,

@@ -14,10 +14,11 @@
 use super::leases::{borrow, Ask, Askers, Borrowed};
 use super::{ApiError, Handled, ShardCtx};
 use crate::auth::lease::{LeaseTable, LeaseUse};
+use crate::auth::throttle::FailureThrottle;
 use crate::auth::{key, Lookup, Principal, PrincipalFields};
 use crate::http::{Request, Response};
 use crate::limit::Decision;
-use crate::store::{Reply, StoreError};
+use crate::store::{Reply, RowExt, StoreError};
 use futures::channel::oneshot;
 use serde_json::json;
 use std::collections::HashMap;
@@ -36,6 +37,9 @@ pub enum Verified {
     Valid(Rc<Principal>),
     Unauthorized,
     Unavailable,
+    /// The pool's job ended without an answer (a panic, caught and counted
+    /// by the worker): 500 `internal_error`.
+    Internal,
 }
 
 /// A pool's answer about a key (crosses threads, so no `Rc`): the
@@ -45,45 +49,6 @@ enum VerifyAnswer {
     Valid(Box<Principal>, Option<Duration>, [u8; 32]),
     WrongSecret,
     Unknown,
-}
-
-/// 401s per client address in the current minute; bounded.
-pub struct FailureThrottle {
-    counts: HashMap<IpAddr, (u64, u32), ahash::RandomState>,
-    capacity: usize,
-}
-
-const MINUTE_NS: u64 = 60_000_000_000;
-
-impl FailureThrottle {
-    pub fn new(capacity: usize) -> FailureThrottle {
-        FailureThrottle {
-            counts: HashMap::with_hasher(ahash::RandomState::new()),
-            capacity: capacity.max(16),
-        }
-    }
-
-    /// Seconds to wait when `ip` is over `limit` failures this minute.
-    pub fn blocked(&self, ip: IpAddr, limit: u32, now_ns: u64) -> Option<u64> {
-        let &(start, n) = self.counts.get(&ip)?;
-        let elapsed = now_ns.saturating_sub(start);
-        (elapsed < MINUTE_NS && n >= limit).then(|| (MINUTE_NS - elapsed).div_ceil(1_000_000_000))
-    }
-
-    pub fn record(&mut self, ip: IpAddr, now_ns: u64) {
-        if self.counts.len() >= self.capacity && !self.counts.contains_key(&ip) {
-            self.counts
-                .retain(|_, (start, _)| now_ns.saturating_sub(*start) < MINUTE_NS);
-            if self.counts.len() >= self.capacity {
-                return;
-            }
-        }
-        let e = self.counts.entry(ip).or_insert((now_ns, 0));
-        if now_ns.saturating_sub(e.0) >= MINUTE_NS {
-            *e = (now_ns, 0);
-        }
-        e.1 = e.1.saturating_add(1);
-    }
 }
 
 /// The presented key: `X-API-Key`, else `Authorization: Bearer`.
@@ -228,6 +193,7 @@ pub fn authenticated(
                     ))
                 }
                 Borrowed::Overloaded => return Err(ApiError::overloaded(1)),
+                Borrowed::Internal => return Err(ApiError::internal()),
             };
             match handled {
                 Handled::Ready(r) => r,
@@ -279,6 +245,7 @@ pub fn authenticated(
                         "Authentication is unavailable: the database does not answer.",
                         1,
                     )),
+                    Verified::Internal => Err(ApiError::internal()),
                 }
             }))
         }
@@ -361,7 +328,7 @@ pub(super) fn verify(
     {
         let mut pending = ctx.auth.pending.borrow_mut();
         if let Some(waiters) = pending.get_mut(&slot) {
-            waiters.push(tx);
+            join(waiters, tx);
             return Ok(rx);
         }
         if pending.len() >= ctx.shared.config.auth.verify_queue {
@@ -396,6 +363,18 @@ pub(super) fn verify(
         }
     }));
     Ok(rx)
+}
+
+/// Adds a waiter to a coalesced verification or lease ask. Before the list
+/// would grow its allocation, waiters whose requests went away (timed out,
+/// connection closed) are dropped: amortized O(1), and gone requests never
+/// make a list grow (it stays within twice the most requests that ever
+/// waited on it at once).
+pub(super) fn join<T>(waiters: &mut Vec<oneshot::Sender<T>>, tx: oneshot::Sender<T>) {
+    if waiters.len() == waiters.capacity() {
+        waiters.retain(|w| !w.is_canceled());
+    }
+    waiters.push(tx);
 }
 
 /// Argon2id on the verifier pool (bounded: its queue refuses when full).
@@ -494,15 +473,21 @@ async fn settle(
             let ttl = Duration::from_millis(c.shared.config.auth.negative_ttl_ms);
             let mut cache = c.auth.cache.borrow_mut();
             cache.invalidate(&slot.0);
-            cache.insert_negative(&slot.0, now + ttl, now);
+            cache.insert_negative(&slot.0, now + ttl);
             Verified::Unauthorized
         }
         Ok(Ok(VerifyAnswer::WrongSecret)) => Verified::Unauthorized,
+        Ok(Err(StoreError::Row(e))) => {
+            log::error!("key verification read an unexpected row: {e}");
+            Verified::Internal
+        }
         Ok(Err(e)) => {
             log::warn!("key verification failed: {e}");
             Verified::Unavailable
         }
-        Err(_) => Verified::Unavailable,
+        // The job was dropped unanswered: its worker panicked (counted in
+        // `triggers_worker_panics_total`).
+        Err(_) => Verified::Internal,
     }
 }
 
@@ -548,23 +533,24 @@ fn load_key(
         ),
         &[(&key_id, postgres::types::Type::TEXT)],
     )?;
-    Ok(row.map(|row| {
-        let expires_in: Option<f64> = row.get(4);
-        let principal = Principal::from(PrincipalFields {
-            organization_id: row.get(1),
-            organization_name: row.get(2),
-            tier: row.get(3),
-            key_id: key_id.to_string(),
-            created_at: row.get(5),
-            updated_at: row.get(6),
-            webhook_url: row.get(7),
-        });
-        (
-            row.get(0),
-            principal,
-            expires_in.map(|s| Duration::from_secs_f64(s.max(0.0))),
-        )
-    }))
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let expires_in: Option<f64> = row.col(4)?;
+    let principal = Principal::from(PrincipalFields {
+        organization_id: row.col(1)?,
+        organization_name: row.col(2)?,
+        tier: row.col(3)?,
+        key_id: key_id.to_string(),
+        created_at: row.col(5)?,
+        updated_at: row.col(6)?,
+        webhook_url: row.col(7)?,
+    });
+    // A NaN or infinite interval (never stored, but not trusted) counts as
+    // expired now rather than panicking in `from_secs_f64`.
+    let expires_in =
+        expires_in.map(|s| Duration::try_from_secs_f64(s.max(0.0)).unwrap_or_default());
+    Ok(Some((row.col(0)?, principal, expires_in)))
 }
 
 /// Re-reads a cached key's row in the background (a query worker, no
@@ -606,7 +592,12 @@ pub(super) fn refresh(ctx: &Rc<ShardCtx>, key_id: &str) {
     }));
 }
 
-/// Requests waiting on one verification, by (key id, digest of the presented secret).
+/// Requests waiting on one verification, by (key id, digest of the presented
+/// secret). Bounded: at most `auth.verify_queue` verifications at once (then
+/// 503 `overloaded`), and each list holds the requests waiting on it, which
+/// are bounded by the connections (one request at a time per connection,
+/// `http.max_connections_per_shard` per shard; lease requests from other
+/// shards stand for their requests), with gone requests pruned by `join`.
 pub type Waiters = HashMap<(String, [u8; 32]), Vec<oneshot::Sender<Verified>>, ahash::RandomState>;
 
 /// Shard-owned authentication state.
@@ -641,23 +632,4 @@ impl AuthState {
 pub struct EngineHooks {
     pub sleep: fn(Duration) -> Pin<Box<dyn Future<Output = ()>>>,
     pub spawn: fn(Pin<Box<dyn Future<Output = ()>>>),
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn failure_throttle_blocks_after_the_limit_for_the_minute() {
-        let mut t = FailureThrottle::new(100);
-        let ip: IpAddr = "10.0.0.1".parse().expect("ip");
-        for _ in 0..3 {
-            assert_eq!(t.blocked(ip, 3, 0), None);
-            t.record(ip, 0);
-        }
-        assert_eq!(t.blocked(ip, 3, 1_000_000_000), Some(59));
-        assert_eq!(t.blocked(ip, 3, MINUTE_NS), None);
-        t.record(ip, MINUTE_NS);
-        assert_eq!(t.blocked(ip, 3, MINUTE_NS), None);
-    }
 }

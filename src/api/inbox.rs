@@ -8,7 +8,7 @@ use super::{answer, json_response, store_error, ApiError, Handled, ShardCtx};
 use crate::auth::Principal;
 use crate::http::{Request, Response};
 use crate::store::events::{Page, PageFilter};
-use crate::store::ts;
+use crate::store::{ts, RowExt, StoreError};
 use base64::Engine as _;
 use serde_json::{json, Value};
 use std::rc::Rc;
@@ -178,78 +178,6 @@ pub fn list(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
     }))
 }
 
-/// One waiting request: its type filter and how to wake it.
-type Waiter = (Option<String>, futures::channel::oneshot::Sender<()>);
-
-/// Inbox requests waiting for a commit, per organization, on one shard.
-pub struct InboxWaiters {
-    waiters:
-        std::cell::RefCell<std::collections::HashMap<uuid::Uuid, Vec<Waiter>, ahash::RandomState>>,
-    capacity: usize,
-    count: std::cell::Cell<usize>,
-}
-
-impl InboxWaiters {
-    pub fn new(capacity: usize) -> InboxWaiters {
-        InboxWaiters {
-            waiters: std::cell::RefCell::new(std::collections::HashMap::with_hasher(
-                ahash::RandomState::new(),
-            )),
-            capacity,
-            count: std::cell::Cell::new(0),
-        }
-    }
-
-    /// A future that completes at the next commit for `org` (of `event_type`,
-    /// when given); `None` when the shard already holds its limit of waiters.
-    pub fn wait(
-        &self,
-        org: uuid::Uuid,
-        event_type: Option<String>,
-    ) -> Option<futures::channel::oneshot::Receiver<()>> {
-        let mut map = self.waiters.borrow_mut();
-        if self.count.get() >= self.capacity {
-            // Drop the waiters whose requests have gone away.
-            map.retain(|_, list| {
-                list.retain(|(_, tx)| !tx.is_canceled());
-                !list.is_empty()
-            });
-            self.count.set(map.values().map(Vec::len).sum());
-            if self.count.get() >= self.capacity {
-                return None;
-            }
-        }
-        let (tx, rx) = futures::channel::oneshot::channel();
-        map.entry(org).or_default().push((event_type, tx));
-        self.count.set(self.count.get() + 1);
-        Some(rx)
-    }
-
-    /// An event of `org` with `event_type` was committed.
-    pub fn wake(&self, org: uuid::Uuid, event_type: &str) {
-        let mut map = self.waiters.borrow_mut();
-        let Some(list) = map.get_mut(&org) else {
-            return;
-        };
-        let before = list.len();
-        let mut kept = Vec::new();
-        for (filter, tx) in list.drain(..) {
-            if filter.as_deref().is_none_or(|f| f == event_type) {
-                let _ = tx.send(());
-            } else if !tx.is_canceled() {
-                kept.push((filter, tx));
-            }
-        }
-        let removed = before - kept.len();
-        if kept.is_empty() {
-            map.remove(&org);
-        } else {
-            *list = kept;
-        }
-        self.count.set(self.count.get().saturating_sub(removed));
-    }
-}
-
 fn ack_ids(
     ctx: &Rc<ShardCtx>,
     org: uuid::Uuid,
@@ -269,7 +197,9 @@ fn ack_ids(
                 ),
                 &[&org, &ids],
             )?;
-            Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+            rows.iter()
+                .map(|r| Ok((r.col(0)?, r.col(1)?)))
+                .collect::<Result<_, StoreError>>()
         })
         .map_err(store_error)
 }

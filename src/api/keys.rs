@@ -11,7 +11,7 @@ use super::{
 use crate::auth::invalidation::{Invalidation, CHANNEL};
 use crate::auth::{key, Principal};
 use crate::http::Request;
-use crate::store::{ts, StoreError};
+use crate::store::{ts, RowExt, StoreError};
 use serde_json::{json, Value};
 use std::rc::Rc;
 
@@ -207,7 +207,7 @@ pub fn rotate(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
         tx.execute("UPDATE organizations SET updated_at = now() WHERE organization_id = $1", &[&org])?;
         tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &format!("key:{old_key}")])?;
         tx.commit()?;
-        let (rotated, old_expires): (String, String) = (row.get(0), row.get(1));
+        let (rotated, old_expires): (String, String) = (row.col(0)?, row.col(1)?);
         Ok((key_id, full, rotated, old_expires))
     });
     let reply = match job {
@@ -223,7 +223,7 @@ pub fn rotate(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
         ctx.auth.cache.borrow_mut().invalidate(p.key_id());
         for (shard, inbox) in ctx.shared.invalidations.iter().enumerate() {
             if shard != ctx.id {
-                let _ = inbox.unbounded_send(Invalidation::Key(p.key_id().to_string()));
+                inbox.send(Invalidation::Key(p.key_id().to_string()));
             }
         }
         Ok(json_response(

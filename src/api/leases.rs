@@ -3,7 +3,7 @@
 //! shares the ask among concurrent requests; the owner side answers from its
 //! key cache, verifying on a miss, and charges the organization's limit.
 
-use super::auth::{limit_for_tier, refresh, verify, Verified};
+use super::auth::{join, limit_for_tier, refresh, verify, Verified};
 use super::ShardCtx;
 use crate::auth::lease::{lease_size, LeaseAnswer, LeaseRequest, LeaseUse, LEASE_TTL};
 use crate::auth::{Lookup, Principal};
@@ -35,6 +35,36 @@ pub enum Borrowed {
     Unauthorized,
     Unavailable,
     Overloaded,
+    /// The owner's verification failed without an answer (a worker panic).
+    Internal,
+}
+
+/// The asker's entry in `asking`: removed when the ask is answered, and also
+/// when the asking request goes away first (it timed out), so a later
+/// request never joins an ask nobody will answer; the joined requests then
+/// see their senders dropped and answer 503.
+struct AskSlot<'a> {
+    ctx: &'a ShardCtx,
+    slot: Option<(String, [u8; 32])>,
+}
+
+impl AskSlot<'_> {
+    /// Takes the entry out; the requests that joined the ask.
+    fn release(&mut self) -> Vec<oneshot::Sender<Borrowed>> {
+        let slot = self.slot.take();
+        let mut asking = self.ctx.auth.asking.borrow_mut();
+        slot.and_then(|s| asking.remove(&s)).unwrap_or_default()
+    }
+}
+
+impl Drop for AskSlot<'_> {
+    fn drop(&mut self) {
+        if let (Some(slot), Ok(mut asking)) =
+            (self.slot.take(), self.ctx.auth.asking.try_borrow_mut())
+        {
+            asking.remove(&slot);
+        }
+    }
 }
 
 /// Gets `ask.cost` requests of a lease of `ask.key_id` from its owner shard,
@@ -47,7 +77,7 @@ pub(super) async fn borrow(ctx: &Rc<ShardCtx>, mut ask: Ask) -> Borrowed {
             match asking.get_mut(&slot) {
                 Some(waiters) => {
                     let (tx, rx) = oneshot::channel();
-                    waiters.push(tx);
+                    join(waiters, tx);
                     Some(rx)
                 }
                 None => {
@@ -59,13 +89,17 @@ pub(super) async fn borrow(ctx: &Rc<ShardCtx>, mut ask: Ask) -> Borrowed {
         let outcome = match joined {
             Some(rx) => rx.await.unwrap_or(Borrowed::Unavailable),
             None => {
+                let mut asked = AskSlot {
+                    ctx,
+                    slot: Some(slot),
+                };
                 let outcome = ask_owner(ctx, &ask).await;
-                let waiters = ctx.auth.asking.borrow_mut().remove(&slot);
+                let waiters = asked.release();
                 let shared = match &outcome {
                     Borrowed::Admitted(..) => Borrowed::Granted,
                     other => other.clone(),
                 };
-                for w in waiters.unwrap_or_default() {
+                for w in waiters {
                     let _ = w.send(shared.clone());
                 }
                 return outcome;
@@ -135,6 +169,7 @@ async fn ask_owner(ctx: &Rc<ShardCtx>, ask: &Ask) -> Borrowed {
         Ok(LeaseAnswer::Limited(d)) => Borrowed::Limited(d),
         Ok(LeaseAnswer::Unauthorized) => Borrowed::Unauthorized,
         Ok(LeaseAnswer::Overloaded) => Borrowed::Overloaded,
+        Ok(LeaseAnswer::Internal) => Borrowed::Internal,
         Ok(LeaseAnswer::Unavailable) | Err(_) => Borrowed::Unavailable,
     }
 }
@@ -178,6 +213,7 @@ pub fn serve_lease(ctx: &Rc<ShardCtx>, r: LeaseRequest) {
                     Verified::Valid(principal) => grant(&c, &principal, &r, Instant::now()),
                     Verified::Unauthorized => LeaseAnswer::Unauthorized,
                     Verified::Unavailable => LeaseAnswer::Unavailable,
+                    Verified::Internal => LeaseAnswer::Internal,
                 };
                 let _ = r.reply.send(answer);
             }));
@@ -217,5 +253,12 @@ fn grant(
     }
 }
 
-/// Requests waiting on one lease ask, by (key id, digest of the presented secret).
+/// Requests waiting on one lease ask, by (key id, digest of the presented
+/// secret). Bounded by the connections, as a channel bound would be
+/// redundant: an entry is one request in flight (a connection has one at a
+/// time, `http.max_connections_per_shard` per shard) that asked the owner
+/// over its bounded lease queue; the requests that join it are in flight
+/// too, and gone ones are pruned by `join`. The entry goes when the ask is
+/// answered, and the owner answers every ask it takes (a full queue is
+/// refused at once).
 pub type Askers = HashMap<(String, [u8; 32]), Vec<oneshot::Sender<Borrowed>>, ahash::RandomState>;

@@ -17,6 +17,7 @@ mod inbox;
 mod keys;
 mod leases;
 mod ops;
+mod waiters;
 
 pub use auth::{AuthState, EngineHooks};
 pub use leases::serve_lease;
@@ -56,9 +57,9 @@ pub struct Shared {
     pub persist_stats: Arc<crate::persist::PersistStats>,
     /// One entry per shard, indexed by shard id.
     pub metrics: Vec<Arc<ShardMetrics>>,
-    /// Every shard's key-invalidation inbox, indexed by shard id.
-    pub invalidations:
-        Vec<futures::channel::mpsc::UnboundedSender<crate::auth::invalidation::Invalidation>>,
+    /// Every shard's key-invalidation inbox, indexed by shard id (bounded;
+    /// a full one makes its shard clear its whole cache).
+    pub invalidations: Vec<crate::auth::invalidation::InvalidationSender>,
 }
 
 /// Long-polling inbox requests one shard holds at most.
@@ -79,8 +80,11 @@ pub struct ShardCtx {
     pub auth: AuthState,
     pub hooks: EngineHooks,
     /// Long-polling inbox requests of the organizations this shard owns.
-    pub inbox_waiters: inbox::InboxWaiters,
+    pub inbox_waiters: waiters::InboxWaiters,
     /// (organization, Idempotency-Key) of requests being handled now.
+    /// Bounded by the requests in flight (one per connection at a time,
+    /// `http.max_connections_per_shard`): each entry is removed by its
+    /// request's guard when the request ends, however it ends.
     pub idempotency_in_flight: std::cell::RefCell<std::collections::HashSet<(uuid::Uuid, String)>>,
     /// Every shard's lease queue, indexed by shard id (see `auth::lease`).
     pub lease_peers: std::cell::RefCell<Vec<LeaseSender>>,
@@ -112,7 +116,7 @@ impl ShardCtx {
             connections: Cell::new(0),
             auth,
             hooks,
-            inbox_waiters: inbox::InboxWaiters::new(INBOX_WAITERS),
+            inbox_waiters: waiters::InboxWaiters::new(INBOX_WAITERS),
             idempotency_in_flight: Default::default(),
             lease_peers: std::cell::RefCell::new(lease_peers),
             acks: Default::default(),
@@ -437,10 +441,15 @@ fn json_response<T: serde::Serialize + ?Sized>(status: u16, v: &T) -> Response {
 }
 
 /// Maps a query-worker failure to the API: a full queue is 503 `overloaded`,
-/// anything else 503 `unavailable` (logged, not shown).
+/// a row of an unexpected shape 500 `internal_error`, anything else 503
+/// `unavailable` (logged, not shown).
 fn store_error(e: crate::store::StoreError) -> ApiError {
     match e {
         crate::store::StoreError::Overloaded => ApiError::overloaded(1),
+        crate::store::StoreError::Row(e) => {
+            log::error!("database row of an unexpected shape: {e}");
+            ApiError::internal()
+        }
         crate::store::StoreError::BadRow(why) => {
             log::error!("database work failed: {why}");
             ApiError::internal()
@@ -452,8 +461,9 @@ fn store_error(e: crate::store::StoreError) -> ApiError {
     }
 }
 
-/// Awaits a worker's answer: a vanished worker is 500, a database failure
-/// goes through `store_error`.
+/// Awaits a worker's answer: a job dropped unanswered (its worker panicked:
+/// `supervise::catch` counted it and the worker goes on) is 500
+/// `internal_error`, a database failure goes through `store_error`.
 async fn answer<T>(reply: crate::store::Reply<T>) -> Result<T, ApiError> {
     reply
         .await

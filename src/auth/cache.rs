@@ -2,16 +2,17 @@
 //! shard owns, so it is the shard's alone: no locks. An entry maps a key id
 //! to the authenticated organization and a keyed digest of the right secret
 //! (never the plaintext). Unknown key ids are cached negatively for a short
-//! time. Both maps are bounded; a full map evicts the least recently used
-//! of a small random sample.
+//! time. Both maps are bounded (`crate::bounded`): a full map makes room by
+//! evicting, among a small random sample, the least recently used entry
+//! (or, for unknown ids, the one nearest its expiry), never by a scan.
 //!
 //! The TTL bounds how long an entry is trusted without reading its key's row
 //! again, not how long it is kept: an entry past its TTL is re-read before
 //! use (a database read, no Argon2), and only a changed stored hash, a
 //! revocation or eviction sends a key through Argon2id again.
 
+use crate::bounded::BoundedMap;
 use std::cell::Cell;
-use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -67,21 +68,16 @@ fn stale_point(now: Instant, fresh_until: Instant) -> Instant {
 }
 
 pub struct KeyCache {
-    entries: HashMap<KeyId, Entry, ahash::RandomState>,
-    negative: HashMap<KeyId, Instant, ahash::RandomState>,
-    capacity: usize,
-    negative_capacity: usize,
+    entries: BoundedMap<KeyId, Entry>,
+    /// Unknown key ids, until when they are known unknown.
+    negative: BoundedMap<KeyId, Instant>,
 }
-
-const EVICTION_SAMPLE: usize = 8;
 
 impl KeyCache {
     pub fn new(capacity: usize, negative_capacity: usize) -> KeyCache {
         KeyCache {
-            entries: HashMap::with_hasher(ahash::RandomState::new()),
-            negative: HashMap::with_hasher(ahash::RandomState::new()),
-            capacity: capacity.max(1),
-            negative_capacity: negative_capacity.max(1),
+            entries: BoundedMap::new(capacity),
+            negative: BoundedMap::new(negative_capacity),
         }
     }
 
@@ -132,17 +128,6 @@ impl KeyCache {
             return;
         };
         self.negative.remove(&key_id);
-        if self.entries.len() >= self.capacity && !self.entries.contains_key(&key_id) {
-            let victim = self
-                .entries
-                .iter()
-                .take(EVICTION_SAMPLE)
-                .min_by_key(|(_, e)| e.last_used.get())
-                .map(|(k, _)| *k);
-            if let Some(v) = victim {
-                self.entries.remove(&v);
-            }
-        }
         self.entries.insert(
             key_id,
             Entry {
@@ -156,24 +141,18 @@ impl KeyCache {
                 key_expires,
                 last_used: Cell::new(now),
             },
+            |e| e.last_used.get(),
         );
-        debug_assert!(self.entries.len() <= self.capacity);
+        debug_assert!(self.entries.len() <= self.entries.capacity());
     }
 
-    pub fn insert_negative(&mut self, key_id: &str, until: Instant, now: Instant) {
+    pub fn insert_negative(&mut self, key_id: &str, until: Instant) {
         let Some(key_id) = KeyId::new(key_id) else {
             return;
         };
-        if self.negative.len() >= self.negative_capacity {
-            self.negative.retain(|_, t| *t > now);
-            if self.negative.len() >= self.negative_capacity {
-                let victim = self.negative.keys().next().copied();
-                if let Some(v) = victim {
-                    self.negative.remove(&v);
-                }
-            }
-        }
-        self.negative.insert(key_id, until);
+        // The least worth keeping: expired already, else nearest expiry.
+        self.negative.insert(key_id, until, |&t| t);
+        debug_assert!(self.negative.len() <= self.negative.capacity());
     }
 
     /// A re-read of the key's row found it live, with a stored hash whose
@@ -233,7 +212,8 @@ impl KeyCache {
         }
     }
 
-    /// Drops every entry of an organization (all its keys).
+    /// Drops every entry of an organization (all its keys): a scan, for
+    /// invalidations only.
     pub fn invalidate_organization(&mut self, org: uuid::Uuid) {
         self.entries
             .retain(|_, e| e.principal.organization_id != org);
@@ -305,7 +285,7 @@ mod tests {
             c.lookup("k2", &[1; 32], now + Duration::from_secs(2)),
             Lookup::Miss
         ));
-        c.insert_negative("k3", now + Duration::from_secs(5), now);
+        c.insert_negative("k3", now + Duration::from_secs(5));
         assert!(matches!(c.lookup("k3", &[0; 32], now), Lookup::Unknown));
         assert!(matches!(
             c.lookup("k3", &[0; 32], now + Duration::from_secs(6)),
@@ -389,9 +369,51 @@ mod tests {
                 None,
                 now,
             );
-            c.insert_negative(&format!("n{i}"), now + Duration::from_secs(60), now);
+            c.insert_negative(&format!("n{i}"), now + Duration::from_secs(60));
         }
         assert_eq!(c.len(), 50);
-        assert!(c.negative.len() <= 20);
+        assert_eq!(c.negative.len(), 20);
+    }
+
+    #[test]
+    fn a_full_table_records_the_next_entry_and_keeps_the_busy_ones() {
+        let mut c = KeyCache::new(64, 64);
+        let now = Instant::now();
+        let ttl = now + Duration::from_secs(600);
+        for i in 0..4 {
+            c.insert(principal(&format!("hot{i}")), [1; 32], HASH, ttl, None, now);
+        }
+        // 10 000 keys each used once, later than the hot keys' last use
+        // but older than their next: the hot keys, used after every
+        // insert, are never the least recently used of a sample unless
+        // all 8 sampled are hot, (1/16)^8 per eviction.
+        for i in 0..10_000u64 {
+            let t = now + Duration::from_millis(i * 2);
+            c.insert(principal(&format!("k{i}")), [1; 32], HASH, ttl, None, t);
+            assert!(matches!(
+                c.lookup(&format!("k{i}"), &[1; 32], t),
+                Lookup::Hit(_)
+            ));
+            for h in 0..4 {
+                let used = t + Duration::from_millis(1);
+                let hit = c.lookup(&format!("hot{h}"), &[1; 32], used);
+                assert!(matches!(hit, Lookup::Hit(_)), "hot key {h} kept at {i}");
+            }
+            assert_eq!(c.len(), 64.min(5 + i as usize));
+        }
+        // Unknown ids: a full table still records the next one, evicting
+        // an expired one (or the nearest to expiry) rather than refusing.
+        for i in 0..64u64 {
+            c.insert_negative(&format!("gone{i}"), now + Duration::from_millis(i));
+        }
+        let later = now + Duration::from_secs(1);
+        for i in 0..200 {
+            c.insert_negative(&format!("n{i}"), later + Duration::from_secs(60));
+            assert!(matches!(
+                c.lookup(&format!("n{i}"), &[0; 32], later),
+                Lookup::Unknown
+            ));
+            assert_eq!(c.negative.len(), 64);
+        }
     }
 }

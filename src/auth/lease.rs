@@ -16,9 +16,9 @@
 
 use super::key::KeyId;
 use super::Principal;
+use crate::bounded::BoundedMap;
 use crate::limit::Decision;
 use futures::channel::oneshot;
-use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -61,6 +61,9 @@ pub enum LeaseAnswer {
     Unavailable,
     /// The owner's verification queue is full.
     Overloaded,
+    /// The owner's verification job ended without an answer (a worker
+    /// panic): 500 `internal_error`.
+    Internal,
 }
 
 struct Lease {
@@ -82,17 +85,20 @@ pub enum LeaseUse {
     Ask { refund: u64 },
 }
 
-/// The leases one shard holds on keys other shards own; bounded.
+/// The leases one shard holds on keys other shards own. Bounded
+/// (`auth.cache_capacity`, at least 16): a full table makes room by
+/// evicting, among a random sample, a dead lease (expired or spent) first,
+/// else the one expiring soonest. An evicted live lease's tokens stay
+/// charged at the owner: eviction can only cost its organization quota,
+/// never grant it more.
 pub struct LeaseTable {
-    leases: HashMap<KeyId, Lease, ahash::RandomState>,
-    capacity: usize,
+    leases: BoundedMap<KeyId, Lease>,
 }
 
 impl LeaseTable {
     pub fn new(capacity: usize) -> LeaseTable {
         LeaseTable {
-            leases: HashMap::with_hasher(ahash::RandomState::new()),
-            capacity: capacity.max(16),
+            leases: BoundedMap::new(capacity.max(16)),
         }
     }
 
@@ -136,15 +142,6 @@ impl LeaseTable {
         let Some(key_id) = KeyId::new(principal.key_id()) else {
             return;
         };
-        if self.leases.len() >= self.capacity && !self.leases.contains_key(&key_id) {
-            self.leases.retain(|_, l| l.expires > now && l.tokens > 0);
-            if self.leases.len() >= self.capacity {
-                let victim = self.leases.keys().next().copied();
-                if let Some(v) = victim {
-                    self.leases.remove(&v);
-                }
-            }
-        }
         self.leases.insert(
             key_id,
             Lease {
@@ -154,8 +151,9 @@ impl LeaseTable {
                 decision,
                 expires,
             },
+            |l| (l.expires > now && l.tokens > 0, l.expires),
         );
-        debug_assert!(self.leases.len() <= self.capacity);
+        debug_assert!(self.leases.len() <= self.leases.capacity());
     }
 
     pub fn invalidate(&mut self, key_id: &str) {
@@ -248,6 +246,39 @@ mod tests {
             );
         }
         assert_eq!(t.len(), 16);
+    }
+
+    #[test]
+    fn a_full_table_installs_the_next_lease_and_evicts_dead_ones_first() {
+        let mut t = LeaseTable::new(64);
+        let now = Instant::now();
+        // 60 dead leases (spent) and 4 live ones expiring late.
+        for i in 0..60 {
+            let p = principal(&format!("dead{i}"));
+            t.install(p, [0; 32], 0, decision(1), now + LEASE_TTL, now);
+        }
+        for i in 0..4 {
+            let p = principal(&format!("live{i}"));
+            t.install(p, [0; 32], 100, decision(1), now + LEASE_TTL * 2, now);
+        }
+        assert_eq!(t.len(), 64);
+        // Newcomers with a nearer expiry: each is installed, and the live
+        // leases go only if all 8 sampled are live ones ((1/16)^8).
+        for i in 0..1000 {
+            let p = principal(&format!("new{i}"));
+            t.install(p, [0; 32], 5, decision(1), now + LEASE_TTL, now);
+            assert!(matches!(
+                t.spend(&format!("new{i}"), &[0; 32], 1, now),
+                LeaseUse::Spent(..)
+            ));
+            assert_eq!(t.len(), 64);
+        }
+        for i in 0..4 {
+            assert!(matches!(
+                t.spend(&format!("live{i}"), &[0; 32], 1, now),
+                LeaseUse::Spent(..)
+            ));
+        }
     }
 
     #[test]

@@ -2,8 +2,15 @@
 //! GCRA (the token bucket's arithmetic twin) holding a minute's quota and
 //! refilling continuously at limit ÷ 60 per second. A fresh organization may
 //! spend its whole minute at once. One `u64` per organization, no locks.
+//!
+//! The table is bounded (`auth.cache_capacity`, at least 16). An admitted
+//! request is always recorded: when the table is full, the organization
+//! with the least state among a random sample makes room (a bucket already
+//! full again first, else the one whose theoretical arrival time is
+//! nearest now, i.e. the fewest requests charged), so a flood of new
+//! organizations neither goes unlimited nor costs a scan of the table.
 
-use std::collections::HashMap;
+use crate::bounded::BoundedMap;
 
 const WINDOW_NS: u64 = 60_000_000_000;
 
@@ -21,8 +28,7 @@ pub struct Decision {
 
 pub struct RateLimiter {
     /// Theoretical arrival time per organization, in ns on the caller's clock.
-    tat: HashMap<uuid::Uuid, u64, ahash::RandomState>,
-    capacity: usize,
+    tat: BoundedMap<uuid::Uuid, u64>,
 }
 
 fn ceil_secs(ns: u64) -> u64 {
@@ -32,8 +38,7 @@ fn ceil_secs(ns: u64) -> u64 {
 impl RateLimiter {
     pub fn new(capacity: usize) -> RateLimiter {
         RateLimiter {
-            tat: HashMap::with_hasher(ahash::RandomState::new()),
-            capacity: capacity.max(16),
+            tat: BoundedMap::new(capacity.max(16)),
         }
     }
 
@@ -47,10 +52,6 @@ impl RateLimiter {
     ) -> Decision {
         let limit = limit_per_minute.max(1);
         let interval = (WINDOW_NS / limit).max(1);
-        if self.tat.len() >= self.capacity && !self.tat.contains_key(&org) {
-            // Organizations whose bucket is full again carry no state.
-            self.tat.retain(|_, t| *t > now_ns);
-        }
         let tat = self.tat.get(&org).copied().unwrap_or(now_ns).max(now_ns);
         let new_tat = tat.saturating_add(interval.saturating_mul(cost));
         if new_tat - now_ns > WINDOW_NS {
@@ -63,9 +64,11 @@ impl RateLimiter {
                 retry_after_secs: ceil_secs(new_tat - now_ns - WINDOW_NS).max(1),
             };
         }
-        if self.tat.len() < self.capacity || self.tat.contains_key(&org) {
-            self.tat.insert(org, new_tat);
-        }
+        // The least state is the smallest arrival time (a past one: a full
+        // bucket, nothing to lose by forgetting it).
+        self.tat.insert(org, new_tat, |&t| t);
+        debug_assert!(self.tat.len() <= self.tat.capacity());
+        debug_assert_eq!(self.tat.get(&org), Some(&new_tat));
         let used = new_tat - now_ns;
         Decision {
             allowed: true,
@@ -205,6 +208,53 @@ mod tests {
         for i in 0..1000u64 {
             l.check(uuid::Uuid::new_v4(), 100, 1, i * 61 * SEC);
         }
-        assert!(l.len() <= 16);
+        assert_eq!(l.len(), 16);
+    }
+
+    #[test]
+    fn a_full_table_of_live_organizations_still_limits_the_next_one() {
+        let mut l = RateLimiter::new(16);
+        let t0 = 1_000 * SEC;
+        // 16 organizations, each with requests charged in the last minute.
+        for _ in 0..16 {
+            assert!(l.check(uuid::Uuid::new_v4(), 100, 10, t0).allowed);
+        }
+        assert_eq!(l.len(), 16);
+        // The 17th is recorded (another one makes room) and so limited.
+        let next = uuid::Uuid::new_v4();
+        for i in 0..100 {
+            assert!(l.check(next, 100, 1, t0).allowed, "request {i}");
+        }
+        let d = l.check(next, 100, 1, t0);
+        assert!(!d.allowed);
+        assert_eq!(d.remaining, 0);
+        assert_eq!(l.len(), 16);
+        // A stream of new organizations: every one is limited after its quota.
+        for _ in 0..50 {
+            let org = uuid::Uuid::new_v4();
+            assert!(l.check(org, 100, 100, t0).allowed);
+            assert!(!l.check(org, 100, 1, t0).allowed);
+            assert_eq!(l.len(), 16);
+        }
+    }
+
+    #[test]
+    fn a_full_table_evicts_the_organizations_with_the_least_state() {
+        let mut l = RateLimiter::new(64);
+        let t0 = 1_000 * SEC;
+        // 4 organizations at their limit, then 1000 newcomers spending one
+        // request each: a sample of 8 holds a lighter entry to evict unless
+        // all 8 are the busy ones ((1/16)^8), so the busy ones stay limited.
+        let busy: Vec<uuid::Uuid> = (0..4).map(|_| uuid::Uuid::new_v4()).collect();
+        for &org in &busy {
+            assert!(l.check(org, 100, 100, t0).allowed);
+        }
+        for i in 0..1000 {
+            assert!(l.check(uuid::Uuid::new_v4(), 100, 1, t0 + i).allowed);
+            assert_eq!(l.len(), 64.min(5 + i as usize));
+        }
+        for &org in &busy {
+            assert!(!l.check(org, 100, 1, t0 + 1000).allowed);
+        }
     }
 }

@@ -299,6 +299,8 @@ fn run(
     stopping: &AtomicBool,
 ) {
     let max_batch = policy.max_batch;
+    #[cfg(debug_assertions)]
+    let mut armed = crate::supervise::debug_panic_armed("persist");
     let mut client: Option<Conn> = None;
     let mut batch: Vec<IngestItem> = Vec::with_capacity(max_batch);
     let mut copy = Vec::with_capacity(max_batch * 256);
@@ -358,14 +360,32 @@ fn run(
                 break;
             }
         }
-        let mut w = Writer {
-            client: &mut client,
-            db: &db,
-            copy: &mut copy,
-            stats,
-        };
-        let outcomes = w.commit(&batch, policy);
-        answer_batch(&mut batch, outcomes, done);
+        let outcomes = crate::supervise::catch("persist", || {
+            #[cfg(debug_assertions)]
+            if std::mem::take(&mut armed) {
+                panic!("TRIGGERS_DEBUG_PANIC_ON: an injected panic");
+            }
+            let mut w = Writer {
+                client: &mut client,
+                db: &db,
+                copy: &mut copy,
+                stats,
+            };
+            w.commit(&batch, policy)
+        });
+        match outcomes {
+            Some(o) => answer_batch(&mut batch, o, done),
+            None => {
+                // The writer panicked on this batch: its requests fail (their
+                // senders are dropped: 500 `internal_error` on the shard),
+                // the connection goes, and the writer takes the next batch.
+                stats
+                    .events_failed
+                    .fetch_add(rows as u64, Ordering::Relaxed);
+                batch.clear();
+                client = None;
+            }
+        }
     }
 }
 

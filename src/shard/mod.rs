@@ -11,7 +11,7 @@ mod conn;
 mod handoff;
 
 use crate::api::{EngineHooks, ShardCtx, Shared};
-use crate::auth::invalidation::Invalidation;
+use crate::auth::invalidation::{Invalidation, InvalidationReceiver};
 use crate::auth::lease::LeaseRequest;
 use futures::channel::{mpsc, oneshot};
 use futures::future::Either;
@@ -117,7 +117,7 @@ fn glommio_spawn(f: Pin<Box<dyn Future<Output = ()>>>) {
 pub fn start(
     shared: Arc<Shared>,
     addr: SocketAddr,
-    invalidations: Vec<mpsc::UnboundedReceiver<Invalidation>>,
+    invalidations: Vec<InvalidationReceiver>,
     completions: Vec<mpsc::UnboundedReceiver<crate::persist::Completions>>,
 ) -> Result<ShardSet, ShardError> {
     let cfg = &shared.config;
@@ -225,8 +225,9 @@ impl ShardSet {
 struct Mail {
     /// Connections handed over by other shards.
     handoffs: mpsc::Receiver<Handoff>,
-    /// Key invalidations from the LISTEN/NOTIFY thread.
-    invalidations: mpsc::UnboundedReceiver<Invalidation>,
+    /// Key invalidations from the LISTEN/NOTIFY thread and other shards
+    /// (bounded; an overflow arrives as `Invalidation::All`).
+    invalidations: InvalidationReceiver,
     /// Committed (or failed) ingests from the persistence writers.
     completions: mpsc::UnboundedReceiver<crate::persist::Completions>,
     /// Lease requests for keys this shard owns.

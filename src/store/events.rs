@@ -3,7 +3,7 @@
 //! `payload` and `metadata` are `json` columns holding the producer's text;
 //! it is embedded unchanged (checked to be one JSON value, never re-encoded).
 
-use super::{ts, StoreError};
+use super::{ts, RowExt, StoreError};
 use serde_json::value::RawValue;
 
 /// The columns [`write_event`] reads, in its order.
@@ -52,21 +52,21 @@ fn write_event(
     row: &postgres::Row,
     with_deliveries: bool,
 ) -> Result<(), StoreError> {
-    let id: uuid::Uuid = row.try_get(0)?;
-    let metadata: Option<&str> = row.try_get(4)?;
+    let id: uuid::Uuid = row.col(0)?;
+    let metadata: Option<&str> = row.col(4)?;
     let event = EventJson {
         id,
-        event_type: row.try_get(1)?,
-        source: row.try_get(2)?,
-        payload: raw(row.try_get(3)?, id)?,
+        event_type: row.col(1)?,
+        source: row.col(2)?,
+        payload: raw(row.col(3)?, id)?,
         metadata: metadata.map(|m| raw(m, id)).transpose()?,
-        dedup_id: row.try_get(5)?,
-        status: row.try_get(6)?,
-        attempts: row.try_get(7)?,
-        last_error: row.try_get(8)?,
-        created_at: row.try_get(9)?,
-        updated_at: row.try_get(10)?,
-        delivered_at: row.try_get(11)?,
+        dedup_id: row.col(5)?,
+        status: row.col(6)?,
+        attempts: row.col(7)?,
+        last_error: row.col(8)?,
+        created_at: row.col(9)?,
+        updated_at: row.col(10)?,
+        delivered_at: row.col(11)?,
         deliveries: with_deliveries.then_some([]),
     };
     serde_json::to_writer(out, &event).map_err(|e| StoreError::BadRow(e.to_string()))
@@ -137,7 +137,7 @@ pub fn inbox_page(
             "SELECT count(*) FROM events WHERE organization_id = $1 AND status <> 'delivered'",
             &[&org],
         )?
-        .try_get(0)?;
+        .col(0)?;
     let has_more = rows.len() as i64 > f.limit;
     let page = &rows[..rows.len().min(f.limit.max(0) as usize)];
     let mut events_json = Vec::with_capacity(page.len() * 256 + 2);
@@ -149,7 +149,7 @@ pub fn inbox_page(
         write_event(&mut events_json, row, false)?;
     }
     events_json.push(b']');
-    let last_id = page.last().map(|r| r.try_get(0)).transpose()?;
+    let last_id = page.last().map(|r| r.col(0)).transpose()?;
     Ok(Page {
         events_json,
         count: page.len(),

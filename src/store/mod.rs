@@ -31,6 +31,22 @@ pub enum StoreError {
     /// A stored row this server cannot show (it never wrote such a row).
     #[error("unreadable row: {0}")]
     BadRow(String),
+    /// A row without the column or type the code expects: a bug or a
+    /// schema drift, answered 500 `internal_error` (see [`RowExt::col`]).
+    #[error("unexpected row: {0}")]
+    Row(postgres::Error),
+}
+
+/// Typed column reads on the request path: `Row::get` panics on a missing
+/// column or another type; `col` is `try_get` with the error typed.
+pub trait RowExt {
+    fn col<'a, T: postgres::types::FromSql<'a>>(&'a self, idx: usize) -> Result<T, StoreError>;
+}
+
+impl RowExt for postgres::Row {
+    fn col<'a, T: postgres::types::FromSql<'a>>(&'a self, idx: usize) -> Result<T, StoreError> {
+        self.try_get(idx).map_err(StoreError::Row)
+    }
 }
 
 impl StoreError {
@@ -38,7 +54,7 @@ impl StoreError {
     pub fn is_connection_error(&self) -> bool {
         match self {
             StoreError::Unavailable(_) => true,
-            StoreError::Overloaded | StoreError::BadRow(_) => false,
+            StoreError::Overloaded | StoreError::BadRow(_) | StoreError::Row(_) => false,
             StoreError::Query(e) => e.is_closed() || e.as_db_error().is_none(),
         }
     }

@@ -2,7 +2,7 @@
 //! start of `serve` (which prints a ready-to-use key). Runs on a verifier or
 //! start-up thread: Argon2id is CPU-heavy.
 
-use super::{ts, StoreError};
+use super::{ts, RowExt, StoreError};
 use crate::auth::key::{self, HashParams};
 
 /// A created organization with its first key (the plaintext key is shown once).
@@ -36,6 +36,7 @@ pub fn create(
         "INSERT INTO api_keys (organization_id, key_id, secret_hash) VALUES ($1, $2, $3)",
         &[&org, &key_id, &hash],
     )?;
+    let created_at = row.col(0)?;
     tx.commit()?;
     Ok(NewOrganization {
         organization_id: org,
@@ -43,6 +44,6 @@ pub fn create(
         tier: tier.to_string(),
         key_id,
         api_key: full,
-        created_at: row.get(0),
+        created_at,
     })
 }

@@ -2,6 +2,11 @@
 //! connection, fed through one bounded crossbeam channel. A shard submits a
 //! closure with `try_send` (never blocking) and awaits a oneshot that the
 //! worker completes; the shard task is woken from the worker's thread.
+//!
+//! Supervised (`crate::supervise`): a job that panics is caught, counted in
+//! `triggers_worker_panics_total{pool=...}` and fails alone (its oneshot is
+//! dropped, the shard answers 500); the worker drops its connection, which
+//! may be mid-transaction, and goes on with the next job.
 
 use super::{DbSettings, StoreError};
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
@@ -44,6 +49,25 @@ impl Connection {
     }
 }
 
+/// One worker's loop: runs jobs until the pool's queue closes, each under
+/// `supervise::catch`.
+fn serve(pool: &'static str, rx: &Receiver<Job>, mut conn: Connection) {
+    #[cfg(debug_assertions)]
+    let mut armed = crate::supervise::debug_panic_armed(pool);
+    while let Ok(job) = rx.recv() {
+        let ran = crate::supervise::catch(pool, || {
+            #[cfg(debug_assertions)]
+            if std::mem::take(&mut armed) {
+                panic!("TRIGGERS_DEBUG_PANIC_ON: an injected panic");
+            }
+            job(&mut conn)
+        });
+        if ran.is_none() {
+            conn.reset();
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct QueryPool {
     tx: Sender<Job>,
@@ -51,9 +75,9 @@ pub struct QueryPool {
 
 impl QueryPool {
     /// Starts `workers` threads sharing a queue of `capacity` jobs, pinned to
-    /// `core` when given.
+    /// `core` when given; `name` names the threads and the pool's panic series.
     pub fn start(
-        name: &str,
+        name: &'static str,
         settings: DbSettings,
         workers: usize,
         capacity: usize,
@@ -70,10 +94,7 @@ impl QueryPool {
                         if let Some(core) = core {
                             crate::topology::pin_current_thread(core, true);
                         }
-                        let mut conn = Connection::new(settings);
-                        while let Ok(job) = rx.recv() {
-                            job(&mut conn);
-                        }
+                        serve(name, &rx, Connection::new(settings));
                     })
                     .expect("spawn query worker thread")
             })

@@ -372,6 +372,21 @@ pub fn closed_by_server(s: &mut TcpStream) -> bool {
         || matches!(s.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset)
 }
 
+/// Connects from a chosen loopback source address (127.0.0.2, 127.0.0.3, …:
+/// the failure throttle is per client address).
+pub fn connect_from(local: &str, port: u16) -> TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    let local: std::net::SocketAddr = format!("{local}:0").parse().expect("addr");
+    s.bind(&local.into()).expect("bind");
+    let remote: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    s.connect(&remote.into()).expect("connect");
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s
+}
+
 pub fn try_request(port: u16, raw: &str) -> std::io::Result<HttpResponse> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
