@@ -770,11 +770,19 @@ fn keys_used_now_and_then_are_reread_past_their_ttl_without_argon2() {
 fn concurrent_misses_for_one_key_share_one_verification() {
     let db = fresh_database();
     // Two shards: half the connections land on the key's owner, half ask it
-    // for a lease; both kinds join one verification (Argon2id takes far
-    // longer than the requests take to arrive, even in a debug build).
+    // for a lease; both kinds join one verification. Argon2id must take far
+    // longer than the requests take to arrive, also on a loaded machine: a
+    // request arriving after the wrong secret's verification ended (and
+    // before the right one's did) would start a third. So this test uses
+    // dearer parameters than the other tests' fast ones.
     let s = TestServer::start(
         Some(&db),
-        &settings(&["cores.shards=[0,1]", "auth.max_failures_per_minute=1000000"]),
+        &[
+            "cores.shards=[0,1]",
+            "auth.max_failures_per_minute=1000000",
+            "auth.argon2_memory_kib=8192",
+            "auth.argon2_iterations=2",
+        ],
     );
     let key = new_api_key(s.port, "Crowd", "enterprise");
     let wrong = format!("{}{}", &key[..16], "W".repeat(32));
