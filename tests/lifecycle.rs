@@ -132,18 +132,6 @@ fn migrate_applies_once() {
     assert_eq!(types, ["json", "json"]);
 }
 
-fn postgres_processes_for(path: &std::path::Path) -> Vec<String> {
-    let needle = path.display().to_string();
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .filter(|c| c.contains(&needle) && c.contains("postgres"))
-        .collect()
-}
-
 #[test]
 fn embedded_cluster_lifecycle_and_data_dir_lock() {
     let dir = open_tempdir();

@@ -226,18 +226,6 @@ fn assert_all_stored(data: &Path, acked: &[(uuid::Uuid, String)]) {
     }
 }
 
-fn postgres_processes_for(path: &Path) -> Vec<String> {
-    let needle = path.display().to_string();
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .filter(|c| c.contains(&needle) && c.contains("postgres"))
-        .collect()
-}
-
 #[test]
 fn a_killed_postmaster_is_restarted_and_nothing_acknowledged_is_lost() {
     let dir = open_tempdir();

@@ -469,6 +469,20 @@ pub fn settings<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     s
 }
 
+/// Command lines of the running `postgres` processes whose command line
+/// names `path` (a cluster's data directory).
+pub fn postgres_processes_for(path: &std::path::Path) -> Vec<String> {
+    let needle = path.display().to_string();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&needle) && c.contains("postgres"))
+        .collect()
+}
+
 /// Sums the metric lines that start with `prefix`.
 pub fn metric_sum(text: &str, prefix: &str) -> u64 {
     text.lines()
