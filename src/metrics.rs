@@ -357,7 +357,7 @@ pub fn render_persistence(
     rings: &[crate::persist::Ring],
 ) {
     use std::sync::atomic::Ordering::Relaxed as R;
-    let counters: [(&str, &str, u64); 5] = [
+    let counters: [(&str, &str, u64); 7] = [
         (
             "triggers_events_committed_total",
             "Events committed to PostgreSQL.",
@@ -374,8 +374,18 @@ pub fn render_persistence(
             stats.events_failed.load(R),
         ),
         (
+            "triggers_events_refused_total",
+            "Events PostgreSQL refused for their data (their requests got the refusal; the rest of the batch committed).",
+            stats.events_refused.load(R),
+        ),
+        (
+            "triggers_events_dropped_total",
+            "Events lost after a 202 with ack = \"memory\": refused or not committed in time.",
+            stats.events_dropped.load(R),
+        ),
+        (
             "triggers_commit_errors_total",
-            "Failed batch attempts (each retried until the commit deadline).",
+            "Failed write attempts: connection or server failures (retried until the commit deadline).",
             stats.commit_errors.load(R),
         ),
         (

@@ -196,6 +196,7 @@ pub fn serve(config: Config, plan: CorePlan) -> Result<(), ServeError> {
         writers: config.ingest.writers,
         commit_timeout: Duration::from_millis(config.ingest.commit_timeout_ms),
         core: plan.pin.then_some(plan.persistence),
+        memory_ack: config.ingest.ack == "memory",
     });
     log::info!("core plan: {}", plan.describe());
     let metrics = plan

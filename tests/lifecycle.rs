@@ -97,7 +97,7 @@ fn migrate_applies_once() {
         "{}",
         String::from_utf8_lossy(&first.stderr)
     );
-    assert!(String::from_utf8_lossy(&first.stdout).contains("[1]"));
+    assert!(String::from_utf8_lossy(&first.stdout).contains("[1, 2]"));
     let second = run();
     assert!(String::from_utf8_lossy(&second.stdout).contains("[]"));
     let mut c = postgres::Client::connect(&db, postgres::NoTls).expect("connect");
@@ -118,6 +118,18 @@ fn migrate_applies_once() {
             .get(0);
         assert_eq!(n, 1, "{table}");
     }
+    // Payloads keep the producer's text (migration 2).
+    let types: Vec<String> = c
+        .query(
+            "SELECT data_type FROM information_schema.columns
+              WHERE table_name = 'events' AND column_name IN ('payload', 'metadata')",
+            &[],
+        )
+        .expect("columns")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(types, ["json", "json"]);
 }
 
 fn postgres_processes_for(path: &std::path::Path) -> Vec<String> {

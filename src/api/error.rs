@@ -71,6 +71,27 @@ impl ApiError {
         ApiError::new(500, "internal_error", "Internal error.")
     }
 
+    /// A row PostgreSQL refused: 400 for a data exception (the event's
+    /// content), 500 for any other rule the database enforces.
+    pub fn refused(r: &crate::persist::Refusal) -> ApiError {
+        let details = json!({"sqlstate": r.sqlstate, "database_error": r.message});
+        if r.is_data_exception() {
+            ApiError::new(
+                400,
+                "validation_error",
+                "PostgreSQL refused this event's data; it was not stored.",
+            )
+            .details(json!({"event": details}))
+        } else {
+            ApiError::new(
+                500,
+                "internal_error",
+                "PostgreSQL refused to store this event; it was not stored.",
+            )
+            .details(details)
+        }
+    }
+
     pub fn request_timeout() -> ApiError {
         ApiError::new(
             408,

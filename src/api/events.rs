@@ -2,115 +2,16 @@
 //! hand the event to the persistence core through this shard's ring, answer
 //! 202 after the commit) and `GET /api/events/{id}`.
 
-use super::body::{parse_object, require_json, FieldErrors};
+use super::body::require_json;
+use super::event_body::{parse_batch, parse_event, NewEvent};
 use super::{answer, json_response, store_error, ApiError, Handled, ShardCtx};
 use crate::auth::Principal;
 use crate::http::{Request, Response};
-use crate::persist::{Enqueue, EventRow, IdempotencyRecord, IngestItem};
-use crate::store::ts;
+use crate::persist::{Enqueue, EventRow, IdempotencyRecord, IngestItem, Outcome, RowOutcome};
 use futures::channel::oneshot;
 use serde_json::{json, Value};
 use std::rc::Rc;
 use std::time::Instant;
-
-const FIELDS: [&str; 5] = ["type", "payload", "dedup_id", "source", "metadata"];
-
-fn valid_type(t: &str) -> bool {
-    !t.is_empty()
-        && t.len() <= 255
-        && t.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'/' | b'-'))
-}
-
-/// An optional string field of at most 255 characters.
-fn optional_text(
-    obj: &serde_json::Map<String, Value>,
-    field: &str,
-    errors: &mut FieldErrors,
-) -> Option<String> {
-    match obj.get(field) {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) if s.chars().count() <= 255 => Some(s.clone()),
-        Some(Value::String(_)) => {
-            errors.add(field, "must be at most 255 characters");
-            None
-        }
-        Some(_) => {
-            errors.add(field, "must be a string");
-            None
-        }
-    }
-}
-
-/// A validated event, ready for the ring.
-pub struct NewEvent {
-    pub event_type: String,
-    pub payload: String,
-    pub source: Option<String>,
-    pub metadata: Option<String>,
-    pub dedup_id: Option<String>,
-}
-
-/// Validates one event object (shared with the batch route).
-pub fn validate(
-    obj: &serde_json::Map<String, Value>,
-    max_payload: usize,
-) -> Result<NewEvent, ApiError> {
-    let mut errors = FieldErrors::default();
-    errors.unknown_fields(obj, &FIELDS);
-    let event_type = match obj.get("type") {
-        Some(Value::String(t)) if valid_type(t) => t.clone(),
-        Some(Value::String(_)) => {
-            errors.add("type", "must be 1-255 characters of A-Z a-z 0-9 . _ : / -");
-            String::new()
-        }
-        Some(_) => {
-            errors.add("type", "must be a string");
-            String::new()
-        }
-        None => {
-            errors.add("type", "is required");
-            String::new()
-        }
-    };
-    let payload = match obj.get("payload") {
-        None => {
-            errors.add("payload", "is required");
-            String::new()
-        }
-        Some(Value::Null) => {
-            errors.add("payload", "must not be null");
-            String::new()
-        }
-        Some(v) => serde_json::to_string(v).unwrap_or_default(),
-    };
-    let source = optional_text(obj, "source", &mut errors);
-    let dedup_id = optional_text(obj, "dedup_id", &mut errors);
-    let metadata = match obj.get("metadata") {
-        None | Some(Value::Null) => None,
-        Some(v @ Value::Object(_)) => Some(serde_json::to_string(v).unwrap_or_default()),
-        Some(_) => {
-            errors.add("metadata", "must be an object");
-            None
-        }
-    };
-    errors.finish()?;
-    if payload.len() > max_payload {
-        return Err(ApiError::new(
-            413,
-            "payload_too_large",
-            format!("The payload exceeds {max_payload} bytes once serialized."),
-        )
-        .details(json!({"limit_bytes": max_payload})));
-    }
-    Ok(NewEvent {
-        event_type,
-        payload,
-        source,
-        metadata,
-        dedup_id,
-    })
-}
 
 /// The `Idempotency-Key` header: bare, or a quoted structured-field string; 1–255 chars.
 pub fn idempotency_key(req: &Request) -> Result<Option<String>, ApiError> {
@@ -123,14 +24,14 @@ pub fn idempotency_key(req: &Request) -> Result<Option<String>, ApiError> {
             "validation_error",
             "Idempotency-Key must be 1-255 characters.",
         )
-        .details(json!({"Idempotency-Key": "must be 1-255 characters, bare or a quoted string"}))
+        .details(json!({"Idempotency-Key": "must be 1-255 characters without NUL, bare or a quoted string"}))
     };
     let raw = std::str::from_utf8(raw).map_err(|_| bad())?.trim();
     let key = match raw.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
         Some(inner) => inner.replace("\\\"", "\"").replace("\\\\", "\\"),
         None => raw.to_string(),
     };
-    if key.is_empty() || key.chars().count() > 255 {
+    if key.is_empty() || key.chars().count() > 255 || key.contains('\0') {
         return Err(bad());
     }
     Ok(Some(key))
@@ -167,13 +68,11 @@ impl Drop for InFlightKey {
 /// `POST /api/events`.
 pub fn create(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
     let cfg = &ctx.shared.config.ingest;
-    let event = match require_json(&req)
-        .and_then(|()| parse_object(&req.body))
-        .and_then(|obj| validate(&obj, cfg.max_payload_bytes))
-    {
-        Ok(e) => e,
-        Err(e) => return Handled::Ready(Err(e)),
-    };
+    let event =
+        match require_json(&req).and_then(|()| parse_event(&req.body, cfg.max_payload_bytes)) {
+            Ok(e) => e,
+            Err(e) => return Handled::Ready(Err(e)),
+        };
     let key = match idempotency_key(&req) {
         Ok(Some(k)) => k,
         Ok(None) => return enqueue(ctx, p.organization_id, event, None),
@@ -237,7 +136,6 @@ fn enqueue(
     event: NewEvent,
     idempotency: Option<(String, Vec<u8>)>,
 ) -> Handled {
-    let cfg = &ctx.shared.config.ingest;
     let created_at = crate::time::now_micros();
     let id = ctx.ids.borrow_mut().next(created_at.max(0) as u64 / 1000);
     let (done, committed) = oneshot::channel();
@@ -255,31 +153,21 @@ fn enqueue(
         status: 202,
         body: serde_json::to_vec(&answer).unwrap_or_default(),
     });
-    let item = IngestItem {
-        idempotency,
-        rows: vec![EventRow {
-            organization_id: org,
-            id,
-            event_type: event.event_type,
-            source: event.source,
-            payload: event.payload,
-            metadata: event.metadata,
-            dedup_id: event.dedup_id,
-            created_at,
-        }],
-        queued: Instant::now(),
-        shard: ctx.id,
-        done: Some(done),
+    let row = EventRow {
+        organization_id: org,
+        id,
+        event_type: event.event_type,
+        source: event.source,
+        payload: event.payload,
+        metadata: event.metadata,
+        dedup_id: event.dedup_id,
+        created_at,
     };
-    match ctx.shared.rings[ctx.id].try_push(item) {
-        Enqueue::Queued => {}
-        Enqueue::Full(_) => return Handled::Ready(Err(ApiError::overloaded(1))),
-        Enqueue::Stopped(_) => {
-            return Handled::Ready(Err(ApiError::unavailable("The write path is stopping.", 1)))
-        }
+    if let Err(e) = push(ctx, vec![row], idempotency, done) {
+        return Handled::Ready(Err(e));
     }
     ctx.metrics.events_accepted.inc();
-    if cfg.ack == "memory" {
+    if ctx.shared.config.ingest.ack == "memory" {
         let mut a = answer;
         a["durability"] = json!("memory");
         // Long-polling readers are woken by the commit (the persistence core
@@ -289,19 +177,46 @@ fn enqueue(
         return Handled::Ready(Ok(json_response(202, &a)));
     }
     Handled::Pending(Box::pin(async move {
-        match committed.await {
-            Ok(Ok(dups)) => {
-                if let Some(Some(original)) = dups.first() {
-                    return Err(duplicate(&answer["dedup_id"], *original));
-                }
-                Ok(json_response(202, &answer))
-            }
-            _ => Err(ApiError::unavailable(
-                "The event could not be stored: the database does not answer. It was not accepted.",
-                1,
-            )),
+        let outcome = committed.await.map_err(|_| ApiError::internal())?;
+        match outcome.first() {
+            Some(RowOutcome::Stored) => Ok(json_response(202, &answer)),
+            Some(other) => Err(row_error(other, &answer["dedup_id"])),
+            None => Err(ApiError::internal()),
         }
     }))
+}
+
+/// Hands one request's rows to the persistence core through this shard's ring.
+fn push(
+    ctx: &ShardCtx,
+    rows: Vec<EventRow>,
+    idempotency: Option<IdempotencyRecord>,
+    done: oneshot::Sender<Outcome>,
+) -> Result<(), ApiError> {
+    let item = IngestItem {
+        rows,
+        idempotency,
+        queued: Instant::now(),
+        shard: ctx.id,
+        done: Some(done),
+    };
+    match ctx.shared.rings[ctx.id].try_push(item) {
+        Enqueue::Queued => Ok(()),
+        Enqueue::Full(_) => Err(ApiError::overloaded(1)),
+        Enqueue::Stopped(_) => Err(ApiError::unavailable("The write path is stopping.", 1)),
+    }
+}
+
+/// The error for a row the persistence core did not store.
+fn row_error(outcome: &RowOutcome, dedup_id: &Value) -> ApiError {
+    match outcome {
+        RowOutcome::Duplicate(original) => duplicate(dedup_id, *original),
+        RowOutcome::Refused(r) => ApiError::refused(r),
+        RowOutcome::Stored | RowOutcome::Unavailable => ApiError::unavailable(
+            "The event could not be stored: the database does not answer. It was not accepted.",
+            1,
+        ),
+    }
 }
 
 /// 409 for an event whose `dedup_id` the organization used within 24 h.
@@ -324,55 +239,40 @@ pub fn batch_cost(req: &Request) -> u64 {
     serde_json::from_slice::<Count>(&req.body).map_or(1, |c| (c.events.len() as u64).clamp(1, 1000))
 }
 
+/// One item's entry in a batch answer: accepted, or its error.
+fn item_result(index: usize, outcome: Result<uuid::Uuid, &ApiError>) -> Value {
+    match outcome {
+        Ok(id) => json!({"index": index, "id": id, "status": "accepted"}),
+        Err(e) => {
+            let mut r = json!({"index": index, "code": e.code, "error": e.message});
+            if let Some(d) = &e.details {
+                r["details"] = d.clone();
+            }
+            r
+        }
+    }
+}
+
 /// `POST /api/events/batch`: each item validated on its own; every accepted
 /// item is committed in one transaction before the answer.
 pub fn create_batch(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
     let cfg = &ctx.shared.config.ingest;
-    let items = require_json(&req)
-        .and_then(|()| parse_object(&req.body))
-        .and_then(|obj| {
-            let mut errors = FieldErrors::default();
-            errors.unknown_fields(&obj, &["events"]);
-            let items = match obj.get("events") {
-                Some(Value::Array(list)) if !list.is_empty() && list.len() <= 1000 => list.clone(),
-                Some(Value::Array(_)) => {
-                    errors.add("events", "must hold 1 to 1000 events");
-                    Vec::new()
-                }
-                Some(_) => {
-                    errors.add("events", "must be a list of events");
-                    Vec::new()
-                }
-                None => {
-                    errors.add("events", "is required");
-                    Vec::new()
-                }
-            };
-            errors.finish().map(|()| items)
-        });
-    let items = match items {
-        Ok(i) => i,
-        Err(e) => return Handled::Ready(Err(e)),
-    };
+    let items =
+        match require_json(&req).and_then(|()| parse_batch(&req.body, cfg.max_payload_bytes)) {
+            Ok(i) => i,
+            Err(e) => return Handled::Ready(Err(e)),
+        };
     let created_at = crate::time::now_micros();
     let mut rows = Vec::new();
     let mut results = Vec::with_capacity(items.len());
     // For each row: its position in `results` and its dedup_id.
     let mut slots: Vec<(usize, Option<String>)> = Vec::new();
-    for (index, item) in items.iter().enumerate() {
-        let checked = match item {
-            Value::Object(obj) => validate(obj, cfg.max_payload_bytes),
-            _ => Err(ApiError::new(
-                400,
-                "validation_error",
-                "Each event must be a JSON object.",
-            )),
-        };
+    for (index, checked) in items.into_iter().enumerate() {
         match checked {
             Ok(e) => {
                 let id = ctx.ids.borrow_mut().next(created_at.max(0) as u64 / 1000);
-                results.push(json!({"index": index, "id": id, "status": "accepted"}));
-                slots.push((results.len() - 1, e.dedup_id.clone()));
+                results.push(item_result(index, Ok(id)));
+                slots.push((index, e.dedup_id.clone()));
                 rows.push(EventRow {
                     organization_id: p.organization_id,
                     id,
@@ -384,13 +284,7 @@ pub fn create_batch(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handl
                     created_at,
                 });
             }
-            Err(e) => {
-                let mut r = json!({"index": index, "code": e.code, "error": e.message});
-                if let Some(d) = e.details {
-                    r["details"] = d;
-                }
-                results.push(r);
-            }
+            Err(e) => results.push(item_result(index, Err(&e))),
         }
     }
     let accepted = rows.len();
@@ -404,19 +298,8 @@ pub fn create_batch(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handl
         .details(json!({"results": results}))));
     }
     let (done, committed) = oneshot::channel();
-    let item = IngestItem {
-        rows,
-        idempotency: None,
-        queued: Instant::now(),
-        shard: ctx.id,
-        done: Some(done),
-    };
-    match ctx.shared.rings[ctx.id].try_push(item) {
-        Enqueue::Queued => {}
-        Enqueue::Full(_) => return Handled::Ready(Err(ApiError::overloaded(1))),
-        Enqueue::Stopped(_) => {
-            return Handled::Ready(Err(ApiError::unavailable("The write path is stopping.", 1)))
-        }
+    if let Err(e) = push(ctx, rows, None, done) {
+        return Handled::Ready(Err(e));
     }
     ctx.metrics.events_accepted.add(accepted as u64);
     if cfg.ack == "memory" {
@@ -425,62 +308,40 @@ pub fn create_batch(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handl
         return Handled::Ready(Ok(json_response(202, &answer)));
     }
     Handled::Pending(Box::pin(async move {
-        match committed.await {
-            Ok(Ok(dups)) => {
-                let mut duplicates = 0;
-                for ((slot, dedup_id), dup) in slots.iter().zip(&dups) {
-                    if let Some(original) = dup {
-                        duplicates += 1;
-                        let e = duplicate(&json!(dedup_id), *original);
-                        results[*slot] = json!({
-                            "index": results[*slot]["index"],
-                            "code": e.code,
-                            "error": e.message,
-                            "details": e.details,
-                        });
-                    }
-                }
-                let answer = json!({
-                    "accepted": accepted - duplicates,
-                    "rejected": rejected + duplicates,
-                    "results": results,
-                });
-                Ok(json_response(202, &answer))
-            }
-            _ => Err(ApiError::unavailable(
-                "The events could not be stored: the database does not answer. None was accepted.",
-                1,
-            )),
-        }
+        let outcome = committed.await.map_err(|_| ApiError::internal())?;
+        batch_answer(results, &slots, &outcome)
     }))
 }
 
-/// The columns `event_json` reads, in its order.
-pub fn event_columns() -> String {
-    format!(
-        "id, type, source, payload, metadata, dedup_id, status, attempts, last_error, {}, {}, {}",
-        ts("created_at"),
-        ts("updated_at"),
-        ts("delivered_at")
-    )
-}
-
-/// An event row (selected with `event_columns`) as the API shows it.
-pub fn event_json(r: &postgres::Row) -> Value {
-    json!({
-        "id": r.get::<_, uuid::Uuid>(0),
-        "type": r.get::<_, String>(1),
-        "source": r.get::<_, Option<String>>(2),
-        "payload": r.get::<_, Value>(3),
-        "metadata": r.get::<_, Option<Value>>(4),
-        "dedup_id": r.get::<_, Option<String>>(5),
-        "status": r.get::<_, String>(6),
-        "attempts": r.get::<_, i32>(7),
-        "last_error": r.get::<_, Option<String>>(8),
-        "created_at": r.get::<_, String>(9),
-        "updated_at": r.get::<_, String>(10),
-        "delivered_at": r.get::<_, Option<String>>(11),
-    })
+/// The batch's answer once the persistence core has decided every row:
+/// rows it did not store become errors in their item's entry.
+fn batch_answer(
+    mut results: Vec<Value>,
+    slots: &[(usize, Option<String>)],
+    outcome: &[RowOutcome],
+) -> Result<Response, ApiError> {
+    debug_assert_eq!(slots.len(), outcome.len());
+    let mut failed = Vec::new();
+    for ((index, dedup_id), o) in slots.iter().zip(outcome) {
+        if !matches!(o, RowOutcome::Stored) {
+            let e = row_error(o, &json!(dedup_id));
+            results[*index] = item_result(*index, Err(&e));
+            failed.push(e);
+        }
+    }
+    let stored = slots.len() - failed.len();
+    if stored == 0 {
+        // Nothing of the batch is stored: the first row's error is the answer.
+        if let Some(e) = failed.into_iter().next() {
+            return Err(e.details(json!({"results": results})));
+        }
+    }
+    let answer = json!({
+        "accepted": stored,
+        "rejected": results.len() - stored,
+        "results": results,
+    });
+    Ok(json_response(202, &answer))
 }
 
 /// `GET /api/events/{id}`.
@@ -490,27 +351,17 @@ pub fn get(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
         Err(e) => return Handled::Ready(Err(e)),
     };
     let org = p.organization_id;
-    let job = ctx.shared.queries.submit(move |client| {
-        let row = client.query_opt(
-            &format!(
-                "SELECT {} FROM events WHERE organization_id = $1 AND id = $2",
-                event_columns()
-            ),
-            &[&org, &id],
-        )?;
-        Ok(row.map(|r| {
-            let mut v = event_json(&r);
-            v["deliveries"] = json!([]);
-            v
-        }))
-    });
+    let job = ctx
+        .shared
+        .queries
+        .submit(move |client| crate::store::events::event(client, org, id));
     let reply = match job {
         Ok(r) => r,
         Err(e) => return Handled::Ready(Err(store_error(e))),
     };
     Handled::Pending(Box::pin(async move {
         match answer(reply).await? {
-            Some(v) => Ok(json_response(200, &v)),
+            Some(body) => Ok(Response::json(200, body)),
             None => Err(ApiError::not_found()),
         }
     }))

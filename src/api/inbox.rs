@@ -7,6 +7,7 @@ use super::body::{parse_object, require_json, FieldErrors};
 use super::{answer, json_response, store_error, ApiError, Handled, ShardCtx};
 use crate::auth::Principal;
 use crate::http::{Request, Response};
+use crate::store::events::{Page, PageFilter};
 use crate::store::ts;
 use base64::Engine as _;
 use serde_json::{json, Value};
@@ -80,8 +81,10 @@ pub fn parse_query(query: Option<&str>) -> Result<InboxQuery, ApiError> {
                 "status",
                 "must be pending, delivered, failed, dead_letter or all",
             ),
-            "type" if !v.is_empty() && v.len() <= 255 => q.event_type = Some(v),
-            "type" => errors.add("type", "must be 1-255 characters"),
+            "type" if !v.is_empty() && v.len() <= 255 && !v.contains('\0') => {
+                q.event_type = Some(v)
+            }
+            "type" => errors.add("type", "must be 1-255 characters, without NUL"),
             "limit" => match v.parse::<i64>() {
                 Ok(n) if (1..=1000).contains(&n) => q.limit = n,
                 _ => errors.add("limit", "must be an integer from 1 to 1000"),
@@ -100,65 +103,28 @@ pub fn parse_query(query: Option<&str>) -> Result<InboxQuery, ApiError> {
     errors.finish().map(|()| q)
 }
 
-/// One inbox page. Its events are encoded to JSON on the query worker, so
-/// the shard only frames the body: building and dropping a `Value` tree per
-/// event cost the shard about 26 000 instructions per event
-/// (`perf/instructions`).
-struct Page {
-    /// The `events` array, already JSON.
-    events_json: Vec<u8>,
-    count: usize,
-    last_id: Option<uuid::Uuid>,
-    has_more: bool,
-    total: i64,
-    limit: i64,
-}
-
+/// Submits the read of one inbox page. Its events are encoded to JSON on
+/// the query worker (`store::events`), so the shard only frames the body:
+/// building and dropping a `Value` tree per event cost the shard about
+/// 26 000 instructions per event (`perf/instructions`).
 fn submit_page(
     ctx: &ShardCtx,
     org: uuid::Uuid,
-    q: InboxQuery,
+    q: &InboxQuery,
 ) -> Result<crate::store::Reply<Page>, ApiError> {
+    let filter = PageFilter {
+        status: (q.status != "all").then(|| q.status.clone()),
+        event_type: q.event_type.clone(),
+        after: q.after,
+        limit: q.limit,
+    };
     ctx.shared
         .queries
-        .submit(move |client| {
-            let status: Option<&str> = (q.status != "all").then_some(q.status.as_str());
-            let rows = client.query(
-                &format!(
-                    "SELECT {}
-                       FROM events
-                      WHERE organization_id = $1
-                        AND ($2::text IS NULL OR status = $2)
-                        AND ($3::text IS NULL OR type = $3)
-                        AND ($4::uuid IS NULL OR id > $4)
-                      ORDER BY id
-                      LIMIT $5",
-                    super::events::event_columns()
-                ),
-                &[&org, &status, &q.event_type, &q.after, &(q.limit + 1)],
-            )?;
-            let total: i64 = client
-                .query_one(
-                    "SELECT count(*) FROM events WHERE organization_id = $1 AND status <> 'delivered'",
-                    &[&org],
-                )?
-                .get(0);
-            let has_more = rows.len() as i64 > q.limit;
-            let page = &rows[..rows.len().min(q.limit as usize)];
-            let events: Vec<Value> = page.iter().map(super::events::event_json).collect();
-            Ok(Page {
-                events_json: serde_json::to_vec(&events).unwrap_or_else(|_| b"[]".to_vec()),
-                count: events.len(),
-                last_id: page.last().map(|r| r.get(0)),
-                has_more,
-                total,
-                limit: q.limit,
-            })
-        })
+        .submit(move |client| crate::store::events::inbox_page(client, org, &filter))
         .map_err(store_error)
 }
 
-fn page_response(page: Page) -> Response {
+fn page_response(page: Page, limit: i64) -> Response {
     let next = if page.has_more {
         page.last_id.map(encode_cursor)
     } else {
@@ -167,8 +133,8 @@ fn page_response(page: Page) -> Response {
     let pagination = json!({
         "next_cursor": next,
         "has_more": page.has_more,
-        "limit": page.limit,
-        "total_undelivered": page.total,
+        "limit": limit,
+        "total_undelivered": page.total_undelivered,
     });
     let mut body = Vec::with_capacity(page.events_json.len() + 160);
     body.extend_from_slice(b"{\"events\":");
@@ -191,7 +157,7 @@ pub fn list(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
         Err(e) => return Handled::Ready(Err(e)),
     };
     let org = p.organization_id;
-    let reply = match submit_page(ctx, org, q.clone()) {
+    let reply = match submit_page(ctx, org, &q) {
         Ok(r) => r,
         Err(e) => return Handled::Ready(Err(e)),
     };
@@ -199,16 +165,16 @@ pub fn list(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
     Handled::Pending(Box::pin(async move {
         let page = answer(reply).await?;
         if page.count > 0 || q.wait == 0 {
-            return Ok(page_response(page));
+            return Ok(page_response(page, q.limit));
         }
         let Some(woken) = ctx.inbox_waiters.wait(org, q.event_type.clone()) else {
-            return Ok(page_response(page));
+            return Ok(page_response(page, q.limit));
         };
         let timer = (ctx.hooks.sleep)(std::time::Duration::from_secs(q.wait));
         futures::future::select(woken, timer).await;
-        let again = submit_page(&ctx, org, q)?;
+        let again = submit_page(&ctx, org, &q)?;
         let page = answer(again).await?;
-        Ok(page_response(page))
+        Ok(page_response(page, q.limit))
     }))
 }
 
@@ -335,7 +301,7 @@ fn ack_one(
         }
         Ok(json_response(
             200,
-            &json!({"id": id, "status": "delivered", "acknowledged_at": at}),
+            &json!({"id": id, "status": "delivered", "acknowledged_at": at, "success": true}),
         ))
     }))
 }
@@ -393,7 +359,7 @@ pub fn ack_bulk(ctx: &Rc<ShardCtx>, req: Request, p: Rc<Principal>) -> Handled {
         }
         Ok(json_response(
             200,
-            &json!({"acknowledged": found.len(), "not_found": not_found}),
+            &json!({"acknowledged": found.len(), "not_found": not_found, "success": true}),
         ))
     }))
 }
@@ -424,6 +390,7 @@ mod tests {
             "cursor=%%%",
             "nope=1",
             "type=",
+            "type=a%00b",
         ] {
             assert!(parse_query(Some(bad)).is_err(), "{bad}");
         }

@@ -37,6 +37,39 @@ fn check_admin(ctx: &ShardCtx, req: &Request) -> Result<(), ApiError> {
     }
 }
 
+/// The organization's name: `organization_name`, or its alias `org_name`
+/// (the earlier implementations' clients send it); 1–255 characters after
+/// trimming, no NUL (PostgreSQL's text cannot hold it).
+fn organization_name(obj: &serde_json::Map<String, Value>, errors: &mut FieldErrors) -> String {
+    let field = match (obj.get("organization_name"), obj.get("org_name")) {
+        (Some(_), Some(_)) => {
+            errors.add(
+                "org_name",
+                "is an alias of organization_name: give one of them",
+            );
+            return String::new();
+        }
+        (Some(v), None) => ("organization_name", v),
+        (None, Some(v)) => ("org_name", v),
+        (None, None) => {
+            errors.add("organization_name", "is required");
+            return String::new();
+        }
+    };
+    let Value::String(s) = field.1 else {
+        errors.add(field.0, "must be a string");
+        return String::new();
+    };
+    let t = s.trim();
+    let n = t.chars().count();
+    if n == 0 || n > 255 {
+        errors.add(field.0, "must be 1-255 characters after trimming");
+    } else if t.contains('\0') {
+        errors.add(field.0, "must not contain NUL (\\u0000)");
+    }
+    t.to_string()
+}
+
 /// `POST /api/keys/generate`.
 pub fn generate(ctx: &Rc<ShardCtx>, req: &Request) -> Handled {
     let parsed = check_admin(ctx, req)
@@ -44,28 +77,8 @@ pub fn generate(ctx: &Rc<ShardCtx>, req: &Request) -> Handled {
         .and_then(|()| parse_object(&req.body))
         .and_then(|obj| {
             let mut errors = FieldErrors::default();
-            errors.unknown_fields(&obj, &["organization_name", "tier"]);
-            let name = match obj.get("organization_name") {
-                Some(Value::String(s)) => {
-                    let t = s.trim();
-                    let n = t.chars().count();
-                    if n == 0 || n > 255 {
-                        errors.add(
-                            "organization_name",
-                            "must be 1-255 characters after trimming",
-                        );
-                    }
-                    t.to_string()
-                }
-                Some(_) => {
-                    errors.add("organization_name", "must be a string");
-                    String::new()
-                }
-                None => {
-                    errors.add("organization_name", "is required");
-                    String::new()
-                }
-            };
+            errors.unknown_fields(&obj, &["organization_name", "org_name", "tier"]);
+            let name = organization_name(&obj, &mut errors);
             let tier = match obj.get("tier") {
                 None | Some(Value::Null) => "free".to_string(),
                 Some(Value::String(t)) if TIERS.contains(&t.as_str()) => t.clone(),

@@ -11,6 +11,7 @@ mod acks;
 mod auth;
 mod body;
 mod error;
+pub mod event_body;
 mod events;
 mod inbox;
 mod keys;
@@ -268,7 +269,7 @@ impl Pending {
 fn route(method: Method, path: &str) -> Result<(Route, Target), ApiError> {
     use Target::{Authed, Open};
     let (route, target): (Route, Target) = match (path, method) {
-        ("/health", Method::Get) => (Route::Health, Open(ops::health)),
+        ("/health" | "/health/live", Method::Get) => (Route::Health, Open(ops::health)),
         ("/health/ready", Method::Get) => (Route::HealthReady, Open(ops::ready)),
         ("/status", Method::Get) => (Route::Status, Open(ops::status)),
         ("/metrics", Method::Get) => (Route::Metrics, Open(ops::metrics)),
@@ -288,9 +289,10 @@ fn route(method: Method, path: &str) -> Result<(Route, Target), ApiError> {
         ("/api/ack", _) => return Err(ApiError::method_not_allowed("POST")),
         (p, Method::Post) if is_ack_path(p) => (Route::Ack, Authed(inbox::ack)),
         (p, _) if is_ack_path(p) => return Err(ApiError::method_not_allowed("POST")),
-        ("/health" | "/health/ready" | "/status" | "/metrics" | "/api/keys", _) => {
-            return Err(ApiError::method_not_allowed("GET"))
-        }
+        (
+            "/health" | "/health/live" | "/health/ready" | "/status" | "/metrics" | "/api/keys",
+            _,
+        ) => return Err(ApiError::method_not_allowed("GET")),
         ("/api/keys/generate" | "/api/keys/rotate", _) => {
             return Err(ApiError::method_not_allowed("POST"))
         }
@@ -439,6 +441,10 @@ fn json_response<T: serde::Serialize + ?Sized>(status: u16, v: &T) -> Response {
 fn store_error(e: crate::store::StoreError) -> ApiError {
     match e {
         crate::store::StoreError::Overloaded => ApiError::overloaded(1),
+        crate::store::StoreError::BadRow(why) => {
+            log::error!("database work failed: {why}");
+            ApiError::internal()
+        }
         other => {
             log::warn!("database work failed: {other}");
             ApiError::unavailable("The database does not answer; retry later.", 1)

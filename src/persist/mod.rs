@@ -11,11 +11,17 @@
 //! the shards, so ids and commit order were never the same thing; the
 //! inbox's "undelivered" view does not depend on it.
 //!
-//! When PostgreSQL fails the batch is retried until `ingest.commit_timeout_ms`
-//! has passed since its oldest event was queued; then every request of the
-//! batch is answered `Unavailable` and the batch is dropped. The shard waits
+//! When the connection or the server fails, the batch is retried until
+//! `ingest.commit_timeout_ms` has passed since its oldest event was queued;
+//! then its rows are answered `Unavailable` and dropped. The shard waits
 //! longer than that, so it never answers before the core has decided: an
 //! event that got a 202 is committed, one that got an error is not stored.
+//!
+//! When PostgreSQL refuses a batch for its data (SQLSTATE classes 22, 23, 54
+//! and P0: the rows, not the connection), retrying cannot help: the batch is
+//! split in halves and each half written on its own, down to the single
+//! rows to blame, which are answered with the refusal; every other row is
+//! committed. One bad event costs a few extra commits, never the batch.
 
 use crate::store::DbSettings;
 use crossbeam_channel::{Receiver, Select, Sender, TrySendError};
@@ -63,9 +69,33 @@ pub struct EventRow {
     pub created_at: i64,
 }
 
-/// The batch holding an event could not be committed in time; it is not stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Unavailable;
+/// What became of one row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RowOutcome {
+    Stored,
+    /// Not stored: the organization used the row's `dedup_id` within 24 h
+    /// for this event.
+    Duplicate(uuid::Uuid),
+    /// Not stored: PostgreSQL refused the row's data.
+    Refused(Refusal),
+    /// Not stored: the database did not commit it within the commit timeout.
+    Unavailable,
+}
+
+/// PostgreSQL's reason for refusing a row: its SQLSTATE and primary message
+/// (never its DETAIL, which can quote the row).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub sqlstate: String,
+    pub message: String,
+}
+
+impl Refusal {
+    /// A data exception (class 22): the row's content is at fault.
+    pub fn is_data_exception(&self) -> bool {
+        self.sqlstate.starts_with("22")
+    }
+}
 
 /// Commit latency buckets, microseconds.
 const COMMIT_MICROS: &[u64] = &[
@@ -83,6 +113,10 @@ pub struct PersistStats {
     pub commit_micros_total: AtomicU64,
     pub last_batch_size: AtomicU64,
     pub events_failed: AtomicU64,
+    /// Rows PostgreSQL refused (their requests got the refusal).
+    pub events_refused: AtomicU64,
+    /// Rows lost after their 202 (`ack = "memory"`): refused or not committed in time.
+    pub events_dropped: AtomicU64,
     pub commit_errors: AtomicU64,
     /// False while the database refuses writes.
     pub healthy: AtomicBool,
@@ -98,14 +132,16 @@ impl Default for PersistStats {
             commit_micros_total: AtomicU64::default(),
             last_batch_size: AtomicU64::default(),
             events_failed: AtomicU64::default(),
+            events_refused: AtomicU64::default(),
+            events_dropped: AtomicU64::default(),
             commit_errors: AtomicU64::default(),
             healthy: AtomicBool::default(),
         }
     }
 }
 
-/// What a request waiting for its commit receives.
-pub type Outcome = Result<Vec<Option<uuid::Uuid>>, Unavailable>;
+/// What a request waiting for its commit receives: one outcome per row.
+pub type Outcome = Vec<RowOutcome>;
 
 /// What one batch means for one shard, sent as one message: the shard is
 /// woken once per batch, not once per request.
@@ -156,6 +192,11 @@ impl Ring {
 pub struct PersistenceCore {
     pub rings: Vec<Ring>,
     /// Each shard's stream of completed requests; the shard takes its own.
+    /// Unbounded on purpose: a writer must never wait for a shard nor drop
+    /// an answer. What it holds is bounded elsewhere: each answer belongs
+    /// to a request still waiting on the shard (bounded by its connections),
+    /// and `stored` notices come one per committed batch, drained by the
+    /// shard's completion task between requests.
     pub completions: Vec<Option<mpsc::UnboundedReceiver<Completions>>>,
     pub stats: Arc<PersistStats>,
     writers: Vec<JoinHandle<()>>,
@@ -172,6 +213,9 @@ pub struct Settings {
     pub writers: usize,
     pub commit_timeout: Duration,
     pub core: Option<usize>,
+    /// `ack = "memory"`: requests were answered at enqueue, so a row not
+    /// stored is a row lost (`events_dropped`).
+    pub memory_ack: bool,
 }
 
 impl PersistenceCore {
@@ -194,14 +238,19 @@ impl PersistenceCore {
                 let done_txs = done_txs.clone();
                 let db = s.db.clone();
                 let (max_batch, commit_timeout, core) = (s.max_batch, s.commit_timeout, s.core);
+                let memory_ack = s.memory_ack;
                 std::thread::Builder::new()
                     .name(format!("persist-{i}"))
                     .spawn(move || {
                         if let Some(core) = core {
                             crate::topology::pin_current_thread(core, true);
                         }
-                        let limits = (max_batch, commit_timeout);
-                        run(rxs, &done_txs, db, limits, &st, &stop);
+                        let policy = Policy {
+                            max_batch,
+                            commit_timeout,
+                            memory_ack,
+                        };
+                        run(rxs, &done_txs, db, policy, &st, &stop);
                     })
                     .expect("spawn a persistence writer thread")
             })
@@ -233,14 +282,23 @@ impl PersistenceCore {
 /// How often an idle writer checks whether it is asked to stop.
 const STOP_CHECK: Duration = Duration::from_millis(50);
 
+/// A writer's limits and ack mode.
+#[derive(Clone, Copy)]
+struct Policy {
+    max_batch: usize,
+    commit_timeout: Duration,
+    memory_ack: bool,
+}
+
 fn run(
     rxs: Vec<Receiver<IngestItem>>,
     done: &[mpsc::UnboundedSender<Completions>],
     db: DbSettings,
-    (max_batch, commit_timeout): (usize, Duration),
+    policy: Policy,
     stats: &PersistStats,
     stopping: &AtomicBool,
 ) {
+    let max_batch = policy.max_batch;
     let mut client: Option<Conn> = None;
     let mut batch: Vec<IngestItem> = Vec::with_capacity(max_batch);
     let mut copy = Vec::with_capacity(max_batch * 256);
@@ -300,98 +358,220 @@ fn run(
                 break;
             }
         }
-        commit(
-            &mut client,
-            &db,
-            &mut batch,
-            &mut copy,
-            commit_timeout,
+        let mut w = Writer {
+            client: &mut client,
+            db: &db,
+            copy: &mut copy,
             stats,
-            done,
-        );
+        };
+        let outcomes = w.commit(&batch, policy);
+        answer_batch(&mut batch, outcomes, done);
     }
 }
 
-fn commit(
-    client: &mut Option<Conn>,
-    db: &DbSettings,
-    batch: &mut Vec<IngestItem>,
-    copy: &mut Vec<u8>,
-    commit_timeout: Duration,
-    stats: &PersistStats,
-    done: &[mpsc::UnboundedSender<Completions>],
-) {
-    let rows: u64 = batch.iter().map(|i| i.rows.len() as u64).sum();
-    let oldest = batch
+/// A row of a batch: (index of its item, index of the row in the item).
+type RowRef = (usize, usize);
+
+/// Why a write failed.
+enum WriteError {
+    /// The connection or the server failed: the same rows may succeed later.
+    Transient(String),
+    /// PostgreSQL refused the rows' data: one of them (at least) is to blame.
+    Rows(Refusal),
+}
+
+/// Whether PostgreSQL refused the statement for the rows it carried.
+fn row_level(sqlstate: &str) -> bool {
+    ["22", "23", "54", "P0"]
         .iter()
-        .map(|i| i.queued)
-        .min()
-        .unwrap_or_else(Instant::now);
-    let mut backoff = Duration::from_millis(20);
-    let outcome = loop {
-        let started = Instant::now();
-        match write_batch(client, db, batch, copy) {
-            Ok(dups) => {
-                stats.healthy.store(true, Ordering::Relaxed);
-                let micros = started.elapsed().as_micros() as u64;
-                stats
-                    .commit_micros_total
-                    .fetch_add(micros, Ordering::Relaxed);
-                stats.commit_latency.observe(micros);
-                stats.batch_events.observe(rows);
-                stats.batches_committed.fetch_add(1, Ordering::Relaxed);
-                stats.events_committed.fetch_add(rows, Ordering::Relaxed);
-                stats.last_batch_size.store(rows, Ordering::Relaxed);
-                break Ok(dups);
-            }
-            Err(e) => {
-                stats.commit_errors.fetch_add(1, Ordering::Relaxed);
-                stats.healthy.store(false, Ordering::Relaxed);
-                *client = None;
-                if oldest.elapsed() + backoff >= commit_timeout {
-                    log::warn!("persistence: giving up on a batch of {rows} events: {e}");
-                    stats.events_failed.fetch_add(rows, Ordering::Relaxed);
-                    break Err(Unavailable);
+        .any(|c| sqlstate.starts_with(c))
+}
+
+impl From<postgres::Error> for WriteError {
+    fn from(e: postgres::Error) -> WriteError {
+        match e.as_db_error() {
+            Some(db) if row_level(db.code().code()) => WriteError::Rows(Refusal {
+                sqlstate: db.code().code().to_string(),
+                message: db.message().chars().take(200).collect(),
+            }),
+            // Only the SQLSTATE and primary message: a DETAIL can quote rows.
+            Some(db) => WriteError::Transient(format!("{}: {}", db.code().code(), db.message())),
+            None => WriteError::Transient(e.to_string()),
+        }
+    }
+}
+
+/// A row written earlier whose commit was not confirmed (the connection
+/// broke after COMMIT): its id is in the table already.
+fn already_stored(r: &Refusal) -> bool {
+    r.sqlstate == "23505" && r.message.contains("events_pkey")
+}
+
+/// One writer's connection, buffers and counters, for one batch.
+struct Writer<'a> {
+    client: &'a mut Option<Conn>,
+    db: &'a DbSettings,
+    copy: &'a mut Vec<u8>,
+    stats: &'a PersistStats,
+}
+
+impl Writer<'_> {
+    /// Writes the batch and decides every row: stored, duplicate, refused
+    /// (its data; found by splitting the batch) or unavailable (the
+    /// database did not commit it before the deadline).
+    fn commit(&mut self, batch: &[IngestItem], policy: Policy) -> Vec<Vec<RowOutcome>> {
+        let mut outcomes: Vec<Vec<RowOutcome>> = batch
+            .iter()
+            .map(|i| vec![RowOutcome::Unavailable; i.rows.len()])
+            .collect();
+        let oldest = batch.iter().map(|i| i.queued).min();
+        let deadline = oldest.unwrap_or_else(Instant::now) + policy.commit_timeout;
+        let all: Vec<RowRef> = batch
+            .iter()
+            .enumerate()
+            .flat_map(|(i, item)| (0..item.rows.len()).map(move |r| (i, r)))
+            .collect();
+        let total = all.len() as u64;
+        // Depth-first, left half first: rows commit in the batch's order.
+        let mut work = vec![all];
+        while let Some(rows) = work.pop() {
+            match self.write_retrying(batch, &rows, deadline) {
+                Ok(dups) => {
+                    for (&(i, r), dup) in rows.iter().zip(dups) {
+                        outcomes[i][r] = dup.map_or(RowOutcome::Stored, RowOutcome::Duplicate);
+                    }
                 }
-                log::debug!("persistence: batch failed, retrying: {e}");
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_millis(500));
+                Err(WriteError::Transient(e)) => {
+                    let left = rows.len() + work.iter().map(Vec::len).sum::<usize>();
+                    log::warn!(
+                        "persistence: giving up on {left} of a batch of {total} events: {e}"
+                    );
+                    break;
+                }
+                Err(WriteError::Rows(refusal)) if rows.len() == 1 => {
+                    let (i, r) = rows[0];
+                    outcomes[i][r] = if already_stored(&refusal) {
+                        RowOutcome::Stored
+                    } else {
+                        self.refused(&batch[i].rows[r], &refusal);
+                        RowOutcome::Refused(refusal)
+                    };
+                }
+                Err(WriteError::Rows(_)) => {
+                    let (left, right) = rows.split_at(rows.len() / 2);
+                    work.push(right.to_vec());
+                    work.push(left.to_vec());
+                }
             }
         }
-    };
+        self.count(&outcomes, policy.memory_ack);
+        outcomes
+    }
+
+    /// Writes `rows` in one transaction, retrying connection and server
+    /// failures with backoff until `deadline`.
+    fn write_retrying(
+        &mut self,
+        batch: &[IngestItem],
+        rows: &[RowRef],
+        deadline: Instant,
+    ) -> Result<Vec<Option<uuid::Uuid>>, WriteError> {
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let started = Instant::now();
+            match write_rows(self.client, self.db, batch, rows, self.copy) {
+                Ok(dups) => {
+                    let micros = started.elapsed().as_micros() as u64;
+                    let st = self.stats;
+                    st.healthy.store(true, Ordering::Relaxed);
+                    st.commit_micros_total.fetch_add(micros, Ordering::Relaxed);
+                    st.commit_latency.observe(micros);
+                    st.batch_events.observe(rows.len() as u64);
+                    st.batches_committed.fetch_add(1, Ordering::Relaxed);
+                    st.last_batch_size
+                        .store(rows.len() as u64, Ordering::Relaxed);
+                    return Ok(dups);
+                }
+                Err(WriteError::Rows(r)) => return Err(WriteError::Rows(r)),
+                Err(WriteError::Transient(e)) => {
+                    self.stats.commit_errors.fetch_add(1, Ordering::Relaxed);
+                    self.stats.healthy.store(false, Ordering::Relaxed);
+                    *self.client = None;
+                    if Instant::now() + backoff >= deadline {
+                        return Err(WriteError::Transient(e));
+                    }
+                    log::debug!("persistence: batch failed, retrying: {e}");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+            }
+        }
+    }
+
+    /// Logs a refused row: which event, and PostgreSQL's code and message
+    /// (never the payload).
+    fn refused(&self, row: &EventRow, r: &Refusal) {
+        log::warn!(
+            "persistence: PostgreSQL refused event {} of organization {}: SQLSTATE {}: {}",
+            row.id,
+            row.organization_id,
+            r.sqlstate,
+            r.message
+        );
+    }
+
+    fn count(&self, outcomes: &[Vec<RowOutcome>], memory_ack: bool) {
+        let (mut stored, mut refused, mut failed) = (0u64, 0u64, 0u64);
+        for o in outcomes.iter().flatten() {
+            match o {
+                RowOutcome::Stored => stored += 1,
+                RowOutcome::Duplicate(_) => {}
+                RowOutcome::Refused(_) => refused += 1,
+                RowOutcome::Unavailable => failed += 1,
+            }
+        }
+        let st = self.stats;
+        st.events_committed.fetch_add(stored, Ordering::Relaxed);
+        st.events_refused.fetch_add(refused, Ordering::Relaxed);
+        st.events_failed.fetch_add(failed, Ordering::Relaxed);
+        if memory_ack {
+            st.events_dropped
+                .fetch_add(refused + failed, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Sends every request of the batch its outcome, with one message per
+/// shard, and tells every shard what the batch stored.
+fn answer_batch(
+    batch: &mut Vec<IngestItem>,
+    outcomes: Vec<Vec<RowOutcome>>,
+    done: &[mpsc::UnboundedSender<Completions>],
+) {
+    debug_assert_eq!(batch.len(), outcomes.len());
     let mut per_shard: Vec<Vec<(oneshot::Sender<Outcome>, Outcome)>> =
         done.iter().map(|_| Vec::new()).collect();
-    let mut answer = |item: &mut IngestItem, o: Outcome| {
+    let mut stored: Vec<(uuid::Uuid, String)> = Vec::new();
+    for (mut item, o) in batch.drain(..).zip(outcomes) {
+        for (row, _) in item
+            .rows
+            .iter()
+            .zip(&o)
+            .filter(|(_, o)| **o == RowOutcome::Stored)
+        {
+            let seen = stored
+                .last()
+                .is_some_and(|(org, t)| *org == row.organization_id && *t == row.event_type);
+            if !seen {
+                stored.push((row.organization_id, row.event_type.clone()));
+            }
+        }
         if let Some(tx) = item.done.take() {
             match per_shard.get_mut(item.shard) {
                 Some(list) => list.push((tx, o)),
                 None => {
                     let _ = tx.send(o);
                 }
-            }
-        }
-    };
-    let mut stored: Vec<(uuid::Uuid, String)> = Vec::new();
-    match outcome {
-        Ok(dups) => {
-            for (item, d) in batch.iter().zip(&dups) {
-                for (row, dup) in item.rows.iter().zip(d) {
-                    if dup.is_none()
-                        && !stored
-                            .last()
-                            .is_some_and(|(o, t)| *o == row.organization_id && *t == row.event_type)
-                    {
-                        stored.push((row.organization_id, row.event_type.clone()));
-                    }
-                }
-            }
-            for (mut item, d) in batch.drain(..).zip(dups) {
-                answer(&mut item, Ok(d));
-            }
-        }
-        Err(u) => {
-            for mut item in batch.drain(..) {
-                answer(&mut item, Err(u));
             }
         }
     }
@@ -430,31 +610,21 @@ pub async fn complete(
     }
 }
 
-/// Claims the batch's `dedup_id`s (24 h window, first claim wins, also within
-/// the batch); returns, per item and row, the original event id of each
-/// duplicate. Runs inside the batch's transaction.
+/// Claims the `dedup_id`s of `rows` (24 h window, first claim wins, also
+/// among `rows`); returns, per row, the original event id when the row is a
+/// duplicate. Runs inside the rows' transaction.
 fn claim_dedup_ids(
     tx: &mut postgres::Transaction<'_>,
     batch: &[IngestItem],
-) -> Result<Vec<Vec<Option<uuid::Uuid>>>, postgres::Error> {
+    rows: &[RowRef],
+) -> Result<Vec<Option<uuid::Uuid>>, postgres::Error> {
     use std::collections::HashMap;
-    let mut dups: Vec<Vec<Option<uuid::Uuid>>> =
-        batch.iter().map(|i| vec![None; i.rows.len()]).collect();
-    // (org, dedup_id) → id of its first row in this batch
+    let mut dups: Vec<Option<uuid::Uuid>> = vec![None; rows.len()];
+    // (org, dedup_id) → id of its first row here
     let mut first: HashMap<(uuid::Uuid, &str), uuid::Uuid> = HashMap::new();
-    let (mut orgs, mut keys, mut ids) = (Vec::new(), Vec::new(), Vec::new());
-    for item in batch {
-        for row in &item.rows {
-            if let Some(d) = row.dedup_id.as_deref() {
-                if let std::collections::hash_map::Entry::Vacant(v) =
-                    first.entry((row.organization_id, d))
-                {
-                    v.insert(row.id);
-                    orgs.push(row.organization_id);
-                    keys.push(d.to_string());
-                    ids.push(row.id);
-                }
-            }
+    for row in rows.iter().map(|&(i, r)| &batch[i].rows[r]) {
+        if let Some(d) = row.dedup_id.as_deref() {
+            first.entry((row.organization_id, d)).or_insert(row.id);
         }
     }
     if first.is_empty() {
@@ -462,33 +632,33 @@ fn claim_dedup_ids(
     }
     // Claim in one order in every transaction: two writers inserting the same
     // keys in opposite orders would deadlock.
-    let mut order: Vec<usize> = (0..orgs.len()).collect();
-    order.sort_by(|&a, &b| (orgs[a], &keys[a]).cmp(&(orgs[b], &keys[b])));
-    let orgs: Vec<uuid::Uuid> = order.iter().map(|&i| orgs[i]).collect();
-    let keys: Vec<String> = order.iter().map(|&i| keys[i].clone()).collect();
-    let ids: Vec<uuid::Uuid> = order.iter().map(|&i| ids[i]).collect();
-    let claimed: std::collections::HashSet<(uuid::Uuid, String)> = tx
-        .query(
-            "INSERT INTO event_dedup (organization_id, dedup_id, event_id, expires_at)
-             SELECT o, d, e, now() + interval '24 hours'
-               FROM unnest($1::uuid[], $2::text[], $3::uuid[]) AS t(o, d, e)
-             ON CONFLICT (organization_id, dedup_id) DO UPDATE
-                SET event_id = EXCLUDED.event_id, expires_at = EXCLUDED.expires_at
-              WHERE event_dedup.expires_at <= now()
-          RETURNING organization_id, dedup_id",
-            &[&orgs, &keys, &ids],
-        )?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let mut claims: Vec<(uuid::Uuid, &str, uuid::Uuid)> =
+        first.iter().map(|(&(o, d), &id)| (o, d, id)).collect();
+    claims.sort_unstable();
+    let orgs: Vec<uuid::Uuid> = claims.iter().map(|c| c.0).collect();
+    let keys: Vec<&str> = claims.iter().map(|c| c.1).collect();
+    let ids: Vec<uuid::Uuid> = claims.iter().map(|c| c.2).collect();
+    let claimed = tx.query(
+        "INSERT INTO event_dedup (organization_id, dedup_id, event_id, expires_at)
+         SELECT o, d, e, now() + interval '24 hours'
+           FROM unnest($1::uuid[], $2::text[], $3::uuid[]) AS t(o, d, e)
+         ON CONFLICT (organization_id, dedup_id) DO UPDATE
+            SET event_id = EXCLUDED.event_id, expires_at = EXCLUDED.expires_at
+          WHERE event_dedup.expires_at <= now()
+      RETURNING organization_id, dedup_id",
+        &[&orgs, &keys, &ids],
+    )?;
+    let mut won: std::collections::HashSet<(uuid::Uuid, String)> = Default::default();
+    for r in &claimed {
+        won.insert((r.try_get(0)?, r.try_get(1)?));
+    }
     // Keys another event holds already: that event is the original.
-    let mut original: HashMap<(uuid::Uuid, String), uuid::Uuid> = HashMap::new();
-    let (lost_orgs, lost_keys): (Vec<uuid::Uuid>, Vec<String>) = orgs
+    let (lost_orgs, lost_keys): (Vec<uuid::Uuid>, Vec<&str>) = claims
         .iter()
-        .zip(&keys)
-        .filter(|(o, k)| !claimed.contains(&(**o, (*k).clone())))
-        .map(|(o, k)| (*o, k.clone()))
+        .filter(|c| !won.contains(&(c.0, c.1.to_string())))
+        .map(|c| (c.0, c.1))
         .unzip();
+    let mut original: HashMap<(uuid::Uuid, String), uuid::Uuid> = HashMap::new();
     if !lost_orgs.is_empty() {
         for r in tx.query(
             "SELECT d.organization_id, d.dedup_id, d.event_id
@@ -497,23 +667,22 @@ fn claim_dedup_ids(
                  ON d.organization_id = t.o AND d.dedup_id = t.k",
             &[&lost_orgs, &lost_keys],
         )? {
-            original.insert((r.get(0), r.get(1)), r.get(2));
+            original.insert((r.try_get(0)?, r.try_get(1)?), r.try_get(2)?);
         }
     }
-    for (item, d) in batch.iter().zip(dups.iter_mut()) {
-        for (row, slot) in item.rows.iter().zip(d.iter_mut()) {
-            let Some(key) = row.dedup_id.as_deref() else {
-                continue;
-            };
-            let k = (row.organization_id, key.to_string());
-            if let Some(orig) = original.get(&k) {
-                *slot = Some(*orig);
-            } else if let Some(&winner) = first.get(&(row.organization_id, key)) {
-                if winner != row.id {
-                    *slot = Some(winner);
-                }
-            }
-        }
+    for (slot, row) in dups
+        .iter_mut()
+        .zip(rows.iter().map(|&(i, r)| &batch[i].rows[r]))
+    {
+        let Some(key) = row.dedup_id.as_deref() else {
+            continue;
+        };
+        let winner = original
+            .get(&(row.organization_id, key.to_string()))
+            .or_else(|| first.get(&(row.organization_id, key)));
+        // A claim by the row itself is an earlier attempt of this write
+        // whose commit was not confirmed: not a duplicate.
+        *slot = winner.copied().filter(|&w| w != row.id);
     }
     Ok(dups)
 }
@@ -521,27 +690,32 @@ fn claim_dedup_ids(
 /// A writer's PostgreSQL connection and its prepared statements.
 struct Conn {
     client: postgres::Client,
-    /// The common batch: no `dedup_id`, no `Idempotency-Key`. One statement,
+    /// Rows without `dedup_id` or `Idempotency-Key`. One statement,
     /// committed on its own: one round trip and one WAL flush per batch.
     insert: postgres::Statement,
 }
 
 const INSERT_EVENTS: &str = "INSERT INTO events
         (organization_id, id, type, source, payload, metadata, status, created_at, updated_at)
-    SELECT o, i, t, s, p::jsonb, m::jsonb, 'pending', c, c
+    SELECT o, i, t, s, p::json, m::json, 'pending', c, c
       FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[],
                   $7::timestamptz[]) AS u(o, i, t, s, p, m, c)";
 
 impl Conn {
-    fn open(db: &DbSettings) -> Result<Conn, String> {
-        let mut client = db.connect().map_err(|e| e.to_string())?;
-        let insert = client.prepare(INSERT_EVENTS).map_err(|e| e.to_string())?;
+    fn open(db: &DbSettings) -> Result<Conn, WriteError> {
+        let unavailable = |e: crate::store::StoreError| WriteError::Transient(e.to_string());
+        let mut client = db.connect().map_err(unavailable)?;
+        let insert = client.prepare(INSERT_EVENTS)?;
         Ok(Conn { client, insert })
     }
 
-    /// Inserts the batch in one autocommitted statement.
-    fn insert_plain(&mut self, batch: &[IngestItem]) -> Result<(), postgres::Error> {
-        let n: usize = batch.iter().map(|i| i.rows.len()).sum();
+    /// Inserts `rows` in one autocommitted statement.
+    fn insert_plain(
+        &mut self,
+        batch: &[IngestItem],
+        rows: &[RowRef],
+    ) -> Result<(), postgres::Error> {
+        let n = rows.len();
         let mut orgs = Vec::with_capacity(n);
         let mut ids = Vec::with_capacity(n);
         let mut types = Vec::with_capacity(n);
@@ -549,7 +723,7 @@ impl Conn {
         let mut payloads = Vec::with_capacity(n);
         let mut metadata = Vec::with_capacity(n);
         let mut created = Vec::with_capacity(n);
-        for row in batch.iter().flat_map(|i| &i.rows) {
+        for row in rows.iter().map(|&(i, r)| &batch[i].rows[r]) {
             orgs.push(row.organization_id);
             ids.push(row.id);
             types.push(row.event_type.as_str());
@@ -569,66 +743,76 @@ impl Conn {
     }
 }
 
-fn write_batch(
+/// Writes `rows` of `batch` in one transaction; returns, per row, the
+/// original event id of a duplicate (`None`: stored).
+fn write_rows(
     client: &mut Option<Conn>,
     db: &DbSettings,
     batch: &[IngestItem],
+    rows: &[RowRef],
     copy: &mut Vec<u8>,
-) -> Result<Vec<Vec<Option<uuid::Uuid>>>, String> {
+) -> Result<Vec<Option<uuid::Uuid>>, WriteError> {
     if client.as_ref().is_none_or(|c| c.client.is_closed()) {
         *client = Some(Conn::open(db)?);
     }
-    let conn = client.as_mut().ok_or("no connection")?;
-    let plain = batch
+    let conn = client
+        .as_mut()
+        .ok_or_else(|| WriteError::Transient("no connection".into()))?;
+    let plain = rows
         .iter()
-        .all(|i| i.idempotency.is_none() && i.rows.iter().all(|r| r.dedup_id.is_none()));
+        .all(|&(i, r)| batch[i].idempotency.is_none() && batch[i].rows[r].dedup_id.is_none());
     if plain {
-        conn.insert_plain(batch).map_err(|e| e.to_string())?;
-        return Ok(batch.iter().map(|i| vec![None; i.rows.len()]).collect());
+        conn.insert_plain(batch, rows)?;
+        return Ok(vec![None; rows.len()]);
     }
-    let c = &mut conn.client;
-    let mut tx = c.transaction().map_err(|e| e.to_string())?;
-    let dups = claim_dedup_ids(&mut tx, batch).map_err(|e| e.to_string())?;
+    let mut tx = conn.client.transaction()?;
+    let dups = claim_dedup_ids(&mut tx, batch, rows)?;
     copy.clear();
-    let mut any = false;
-    for (item, d) in batch.iter().zip(&dups) {
-        for (row, dup) in item.rows.iter().zip(d) {
-            if dup.is_none() {
-                encode_row(copy, row);
-                any = true;
-            }
+    for (&(i, r), dup) in rows.iter().zip(&dups) {
+        if dup.is_none() {
+            encode_row(copy, &batch[i].rows[r]);
         }
     }
-    if any {
-        let mut w = tx
-            .copy_in(
-                "COPY events (organization_id, id, type, source, payload, metadata, dedup_id, \
-                 status, created_at, updated_at) FROM STDIN",
-            )
-            .map_err(|e| e.to_string())?;
-        w.write_all(copy).map_err(|e| e.to_string())?;
-        w.finish().map_err(|e| e.to_string())?;
+    if !copy.is_empty() {
+        let mut w = tx.copy_in(
+            "COPY events (organization_id, id, type, source, payload, metadata, dedup_id, \
+             status, created_at, updated_at) FROM STDIN",
+        )?;
+        w.write_all(copy)
+            .map_err(|e| WriteError::Transient(format!("COPY: {e}")))?;
+        w.finish()?;
     }
-    for (item, d) in batch.iter().zip(&dups) {
-        if let Some(rec) = &item.idempotency {
-            if d.iter().all(Option::is_none) {
-                tx.execute(
-                    "INSERT INTO idempotency_keys
-                         (organization_id, idempotency_key, request_digest, status_code, response_body, expires_at)
-                     VALUES ($1, $2, $3, $4, $5, now() + interval '24 hours')
-                     ON CONFLICT (organization_id, idempotency_key) DO UPDATE
-                        SET request_digest = EXCLUDED.request_digest, status_code = EXCLUDED.status_code,
-                            response_body = EXCLUDED.response_body, created_at = now(),
-                            expires_at = EXCLUDED.expires_at
-                      WHERE idempotency_keys.expires_at <= now()",
-                    &[&rec.organization_id, &rec.key, &rec.request_digest, &rec.status, &rec.body],
-                )
-                .map_err(|e| e.to_string())?;
-            }
+    for (&(i, _), dup) in rows.iter().zip(&dups) {
+        let Some(rec) = &batch[i].idempotency else {
+            continue;
+        };
+        // A request with an Idempotency-Key carries one event.
+        debug_assert_eq!(batch[i].rows.len(), 1);
+        if dup.is_none() {
+            store_idempotency(&mut tx, rec)?;
         }
     }
-    tx.commit().map_err(|e| e.to_string())?;
+    tx.commit()?;
     Ok(dups)
+}
+
+/// Records an `Idempotency-Key` and the 2xx answer to replay for it.
+fn store_idempotency(
+    tx: &mut postgres::Transaction<'_>,
+    rec: &IdempotencyRecord,
+) -> Result<(), postgres::Error> {
+    tx.execute(
+        "INSERT INTO idempotency_keys
+             (organization_id, idempotency_key, request_digest, status_code, response_body, expires_at)
+         VALUES ($1, $2, $3, $4, $5, now() + interval '24 hours')
+         ON CONFLICT (organization_id, idempotency_key) DO UPDATE
+            SET request_digest = EXCLUDED.request_digest, status_code = EXCLUDED.status_code,
+                response_body = EXCLUDED.response_body, created_at = now(),
+                expires_at = EXCLUDED.expires_at
+          WHERE idempotency_keys.expires_at <= now()",
+        &[&rec.organization_id, &rec.key, &rec.request_digest, &rec.status, &rec.body],
+    )?;
+    Ok(())
 }
 
 /// Appends `s` escaped for COPY's text format.

@@ -4,7 +4,14 @@
 use super::StoreError;
 
 /// (version, name, SQL). Append only; never edit an applied migration.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "init", include_str!("migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "init", include_str!("migrations/0001_init.sql")),
+    (
+        2,
+        "exact_payloads",
+        include_str!("migrations/0002_exact_payloads.sql"),
+    ),
+];
 
 /// Arbitrary constant naming the migration lock.
 const LOCK_ID: i64 = 0x7472_6967_6765_7273; // "triggers"

@@ -2,6 +2,7 @@
 //! that serve shards, and the embedded local cluster used when no
 //! `database.url` is configured.
 
+pub mod events;
 pub mod local_cluster;
 pub mod migrations;
 pub mod orgs;
@@ -26,6 +27,9 @@ pub enum StoreError {
     Overloaded,
     #[error("database error: {0}")]
     Query(#[from] postgres::Error),
+    /// A stored row this server cannot show (it never wrote such a row).
+    #[error("unreadable row: {0}")]
+    BadRow(String),
 }
 
 impl StoreError {
@@ -33,7 +37,7 @@ impl StoreError {
     pub fn is_connection_error(&self) -> bool {
         match self {
             StoreError::Unavailable(_) => true,
-            StoreError::Overloaded => false,
+            StoreError::Overloaded | StoreError::BadRow(_) => false,
             StoreError::Query(e) => e.is_closed() || e.as_db_error().is_none(),
         }
     }
