@@ -337,7 +337,7 @@ fn dechunk(
 ) -> Result<bool, HttpError> {
     loop {
         match chunk {
-            Chunk::Size => match httparse::parse_chunk_size(buf.bytes()) {
+            Chunk::Size => match httparse::parse_chunk_size(chunk_line(buf)) {
                 Ok(httparse::Status::Complete((used, size))) => {
                     buf.consume(used);
                     if size == 0 {
@@ -404,6 +404,12 @@ fn dechunk(
             }
         }
     }
+}
+
+/// Where the next chunk-size line is looked for: its limit and one byte
+/// more, so a longer line is refused however its bytes arrived.
+fn chunk_line(buf: &InBuf) -> &[u8] {
+    &buf.bytes()[..buf.len().min(MAX_CHUNK_LINE + 1)]
 }
 
 /// The length of the header block through its empty line, once it has arrived.
@@ -614,6 +620,28 @@ mod tests {
             decode_in_steps(at_limit, at_limit.len(), at_limit.len()),
             Err(HttpError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn long_chunk_size_line_is_refused_however_it_is_split() {
+        // Found by fuzz/http_decoder: a chunk-size line over the limit (a long
+        // extension) was accepted in one read and refused in pieces.
+        let with_line = |ext: usize| {
+            let mut input = b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3;x=".to_vec();
+            input.extend(std::iter::repeat_n(b'\x84', ext));
+            input.extend(b"\r\nabc\r\n0\r\n\r\n");
+            input
+        };
+        // "3;x=" + ext + CRLF: 1025 bytes is the longest line taken.
+        let (longest, too_long) = (with_line(1019), with_line(1020));
+        for step in [1, 100, too_long.len()] {
+            assert_eq!(decode_in_steps(&longest, step, 256), Ok(()), "{step}");
+            assert_eq!(
+                decode_in_steps(&too_long, step, 256),
+                Err(HttpError::Malformed("chunk size line too long")),
+                "{step}-byte reads"
+            );
+        }
     }
 
     #[test]
