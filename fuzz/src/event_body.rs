@@ -37,17 +37,36 @@ fn check_batch(body: &[u8], obj: Option<&Map<String, Value>>) {
     let (small, big) = match (small, big) {
         (Err(a), Err(b)) => {
             check_error(&a);
-            assert_eq!((a.status, a.code), (b.status, b.code), "batch errors differ");
+            assert_eq!(
+                (a.status, a.code),
+                (b.status, b.code),
+                "batch errors differ"
+            );
             return;
         }
         (Ok(a), Ok(b)) => (a, b),
-        (a, b) => panic!("the limit decided the batch: {:?} vs {:?}", a.is_ok(), b.is_ok()),
+        (a, b) => panic!(
+            "the limit decided the batch: {:?} vs {:?}",
+            a.is_ok(),
+            b.is_ok()
+        ),
     };
-    assert!((1..=MAX_BATCH_ITEMS).contains(&big.len()), "{} items", big.len());
+    assert!(
+        (1..=MAX_BATCH_ITEMS).contains(&big.len()),
+        "{} items",
+        big.len()
+    );
     assert_eq!(small.len(), big.len());
     let list = obj.map(|o| {
-        assert!(o.keys().all(|k| k == "events"), "accepted with {:?}", o.keys());
-        let list = o.get("events").and_then(Value::as_array).expect("events is a list");
+        assert!(
+            o.keys().all(|k| k == "events"),
+            "accepted with {:?}",
+            o.keys()
+        );
+        let list = o
+            .get("events")
+            .and_then(Value::as_array)
+            .expect("events is a list");
         assert_eq!(list.len(), big.len(), "one item per element");
         list
     });
@@ -68,7 +87,11 @@ fn compare_limits(small: &Result<NewEvent, ApiError>, big: &Result<NewEvent, Api
     match (small, big) {
         (Ok(a), Ok(b)) => {
             assert_eq!(a, b);
-            assert!(a.payload.len() <= SMALL, "{} bytes accepted", a.payload.len());
+            assert!(
+                a.payload.len() <= SMALL,
+                "{} bytes accepted",
+                a.payload.len()
+            );
         }
         (Err(a), Ok(b)) => {
             assert_eq!((a.status, a.code), (413, "payload_too_large"), "{a:?}");
@@ -77,7 +100,11 @@ fn compare_limits(small: &Result<NewEvent, ApiError>, big: &Result<NewEvent, Api
         (Err(a), Err(b)) => {
             check_error(a);
             check_error(b);
-            assert_eq!((a.status, a.code), (b.status, b.code), "the limit changed the error");
+            assert_eq!(
+                (a.status, a.code),
+                (b.status, b.code),
+                "the limit changed the error"
+            );
         }
         (Ok(_), Err(b)) => panic!("accepted under the limit, refused without it: {b:?}"),
     }
@@ -88,7 +115,11 @@ fn check_error(e: &ApiError) {
         (e.status, e.code),
         (400, "malformed_json" | "validation_error") | (413, "payload_too_large")
     );
-    assert!(ok, "unexpected error {} {}: {}", e.status, e.code, e.message);
+    assert!(
+        ok,
+        "unexpected error {} {}: {}",
+        e.status, e.code, e.message
+    );
 }
 
 /// Checks an accepted event against the body, and against the body's
@@ -104,7 +135,10 @@ fn check_event(body: &[u8], e: &NewEvent, obj: Option<&Map<String, Value>>) {
     for t in texts.into_iter().flatten() {
         assert!(!t.contains('\0'), "NUL in {t:?}");
     }
-    for raw in [Some(&e.payload), e.metadata.as_ref()].into_iter().flatten() {
+    for raw in [Some(&e.payload), e.metadata.as_ref()]
+        .into_iter()
+        .flatten()
+    {
         let found = memchr::memmem::find(body, raw.as_bytes()).is_some();
         assert!(found, "{raw:?} is not a slice of the body");
         let valid = serde_json::from_str::<IgnoredAny>(raw).is_ok();
@@ -112,10 +146,15 @@ fn check_event(body: &[u8], e: &NewEvent, obj: Option<&Map<String, Value>>) {
     }
     assert_ne!(e.payload, "null");
     assert!(e.metadata.as_ref().is_none_or(|m| m.starts_with('{')));
-    let type_ok = e.event_type.bytes().all(|b| {
-        b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'/' | b'-')
-    });
-    assert!(type_ok && (1..=255).contains(&e.event_type.len()), "type {:?}", e.event_type);
+    let type_ok = e
+        .event_type
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'/' | b'-'));
+    assert!(
+        type_ok && (1..=255).contains(&e.event_type.len()),
+        "type {:?}",
+        e.event_type
+    );
     for t in [&e.source, &e.dedup_id].into_iter().flatten() {
         assert!(t.chars().count() <= 255, "{} characters", t.chars().count());
     }
@@ -127,7 +166,11 @@ fn check_event(body: &[u8], e: &NewEvent, obj: Option<&Map<String, Value>>) {
 /// The event means what the object's members mean.
 fn same_meaning(e: &NewEvent, obj: &Map<String, Value>) {
     const FIELDS: [&str; 5] = ["type", "payload", "dedup_id", "source", "metadata"];
-    assert!(obj.keys().all(|k| FIELDS.contains(&k.as_str())), "{:?}", obj.keys());
+    assert!(
+        obj.keys().all(|k| FIELDS.contains(&k.as_str())),
+        "{:?}",
+        obj.keys()
+    );
     let text = |k: &str| obj.get(k).and_then(Value::as_str).map(str::to_string);
     assert_eq!(text("type").as_ref(), Some(&e.event_type));
     assert_eq!(text("source"), e.source);

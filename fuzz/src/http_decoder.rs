@@ -58,10 +58,7 @@ impl Seen {
             method: r.method,
             path: r.path().to_string(),
             query: r.query().map(str::to_string),
-            headers: r
-                .headers()
-                .map(|(n, v)| (n.to_vec(), v.to_vec()))
-                .collect(),
+            headers: r.headers().map(|(n, v)| (n.to_vec(), v.to_vec())).collect(),
             body: r.body.clone(),
             http11: r.http11,
             keep_alive: r.keep_alive,
@@ -70,7 +67,8 @@ impl Seen {
 
     fn expects_continue(&self) -> bool {
         self.headers.iter().any(|(n, v)| {
-            n.eq_ignore_ascii_case(b"expect") && v.trim_ascii().eq_ignore_ascii_case(b"100-continue")
+            n.eq_ignore_ascii_case(b"expect")
+                && v.trim_ascii().eq_ignore_ascii_case(b"100-continue")
         })
     }
 }
@@ -159,7 +157,11 @@ fn run(params: &Params, reads: &[&[u8]]) -> Outcome {
             }
         }
         let bound = params.max_header_bytes.max(MAX_CHUNK_LINE);
-        assert!(buf.len() <= bound, "{} undecoded bytes > {bound}", buf.len());
+        assert!(
+            buf.len() <= bound,
+            "{} undecoded bytes > {bound}",
+            buf.len()
+        );
     }
     out.in_progress = decoder.in_progress(&buf);
     out
@@ -168,8 +170,15 @@ fn run(params: &Params, reads: &[&[u8]]) -> Outcome {
 fn check_request(params: &Params, r: &Seen, continued: bool) {
     assert!(r.path.starts_with('/'), "path {:?}", r.path);
     let limit = params.body_limit(&r.path);
-    assert!(r.body.len() <= limit, "body {} > limit {limit}", r.body.len());
+    assert!(
+        r.body.len() <= limit,
+        "body {} > limit {limit}",
+        r.body.len()
+    );
     if continued {
-        assert!(r.http11 && r.expects_continue(), "100 Continue not asked for");
+        assert!(
+            r.http11 && r.expects_continue(),
+            "100 Continue not asked for"
+        );
     }
 }
