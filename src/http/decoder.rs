@@ -185,13 +185,19 @@ impl Decoder {
         // Parse only once the end of the header block has arrived, so a
         // slow-dripping client costs a scan of each byte once, not a re-parse.
         let from = scanned.saturating_sub(3);
-        let end_found = find_head_end(&bytes[from..]).is_some();
+        let head_end = find_head_end(&bytes[from..]).map(|e| from + e);
         *scanned = bytes.len();
-        if !end_found {
-            if bytes.len() > self.limits.max_header_bytes {
-                return Err(HttpError::HeaderTooLarge);
+        // Too large is decided on the block's length before it is parsed, so
+        // the answer does not depend on how the bytes were split into reads.
+        match head_end {
+            Some(end) if end > self.limits.max_header_bytes => {
+                return Err(HttpError::HeaderTooLarge)
             }
-            return Ok(Some(Decoded::Incomplete));
+            Some(_) => {}
+            None if bytes.len() > self.limits.max_header_bytes => {
+                return Err(HttpError::HeaderTooLarge)
+            }
+            None => return Ok(Some(Decoded::Incomplete)),
         }
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut parsed = httparse::Request::new(&mut headers);
@@ -331,7 +337,7 @@ fn dechunk(
 ) -> Result<bool, HttpError> {
     loop {
         match chunk {
-            Chunk::Size => match httparse::parse_chunk_size(buf.bytes()) {
+            Chunk::Size => match httparse::parse_chunk_size(chunk_line(buf)) {
                 Ok(httparse::Status::Complete((used, size))) => {
                     buf.consume(used);
                     if size == 0 {
@@ -400,13 +406,23 @@ fn dechunk(
     }
 }
 
+/// Where the next chunk-size line is looked for: its limit and one byte
+/// more, so a longer line is refused however its bytes arrived.
+fn chunk_line(buf: &InBuf) -> &[u8] {
+    &buf.bytes()[..buf.len().min(MAX_CHUNK_LINE + 1)]
+}
+
+/// The length of the header block through its empty line, once it has arrived.
 fn find_head_end(bytes: &[u8]) -> Option<usize> {
     let mut i = 0;
     while let Some(p) = bytes[i..].iter().position(|&b| b == b'\n') {
         let at = i + p;
         let rest = &bytes[at + 1..];
-        if rest.first() == Some(&b'\n') || rest.starts_with(b"\r\n") {
-            return Some(at);
+        if rest.first() == Some(&b'\n') {
+            return Some(at + 2);
+        }
+        if rest.starts_with(b"\r\n") {
+            return Some(at + 3);
         }
         i = at + 1;
     }
@@ -558,6 +574,74 @@ mod tests {
         input.extend(b"\r\n\r\n");
         let out = decode_all(&input);
         assert_eq!(out[0].as_ref().err(), Some(&HttpError::HeaderTooLarge));
+    }
+
+    /// The last result of decoding `input` in reads of `step` bytes.
+    fn decode_in_steps(
+        input: &[u8],
+        step: usize,
+        max_header_bytes: usize,
+    ) -> Result<(), HttpError> {
+        let mut d = Decoder::new(Limits { max_header_bytes });
+        let mut buf = InBuf::with_capacity(16);
+        for piece in input.chunks(step) {
+            buf.extend(piece);
+            loop {
+                match d.decode(&mut buf, &limit)? {
+                    Decoded::Incomplete => break,
+                    Decoded::Request(_) | Decoded::Continue => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn too_large_head_is_431_however_it_is_split() {
+        // Found by fuzz/http_decoder: a malformed header block longer than the
+        // limit was 400 when it came in one read and 431 when it came in pieces.
+        let minimized = b"\0\0pe\": \"uoe\": \"uo\"}}\n\r\x01\0e\"uo\"}}\n\r\n";
+        let mut found = b"POST /api/events HTTP/2.1\r\nHost: localhost\r\nX: ".to_vec();
+        found.extend(std::iter::repeat_n(b'a', 300));
+        found.extend(b"\r\n\r\n");
+        for (input, max) in [(&minimized[..], 32), (&found[..], 256)] {
+            for step in [1, 7, input.len()] {
+                assert_eq!(
+                    decode_in_steps(input, step, max),
+                    Err(HttpError::HeaderTooLarge),
+                    "{step}-byte reads of {:?}",
+                    String::from_utf8_lossy(input)
+                );
+            }
+        }
+        // At the limit exactly, the block is parsed (and here it is malformed).
+        let at_limit = &found[..];
+        assert!(matches!(
+            decode_in_steps(at_limit, at_limit.len(), at_limit.len()),
+            Err(HttpError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn long_chunk_size_line_is_refused_however_it_is_split() {
+        // Found by fuzz/http_decoder: a chunk-size line over the limit (a long
+        // extension) was accepted in one read and refused in pieces.
+        let with_line = |ext: usize| {
+            let mut input = b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3;x=".to_vec();
+            input.extend(std::iter::repeat_n(b'\x84', ext));
+            input.extend(b"\r\nabc\r\n0\r\n\r\n");
+            input
+        };
+        // "3;x=" + ext + CRLF: 1025 bytes is the longest line taken.
+        let (longest, too_long) = (with_line(1019), with_line(1020));
+        for step in [1, 100, too_long.len()] {
+            assert_eq!(decode_in_steps(&longest, step, 256), Ok(()), "{step}");
+            assert_eq!(
+                decode_in_steps(&too_long, step, 256),
+                Err(HttpError::Malformed("chunk size line too long")),
+                "{step}-byte reads"
+            );
+        }
     }
 
     #[test]
