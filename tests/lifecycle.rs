@@ -157,15 +157,7 @@ fn embedded_cluster_lifecycle_and_data_dir_lock() {
     );
 
     // SIGTERM: exit 0, and no PostgreSQL process left behind.
-    let status = s
-        .terminate(Duration::from_secs(30))
-        .expect("exited in time");
-    assert!(status.success(), "{status}\n{}", s.log_text());
-    assert!(
-        postgres_processes_for(&data).is_empty(),
-        "{:?}",
-        postgres_processes_for(&data)
-    );
+    assert_stops_cleanly(&mut s, &data);
     assert!(s.log_text().contains("embedded PostgreSQL stopped"));
 }
 

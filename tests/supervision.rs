@@ -287,15 +287,7 @@ fn a_killed_postmaster_is_restarted_and_nothing_acknowledged_is_lost() {
     assert_eq!(log.matches("was gone; restarted it").count(), 2, "{log}");
 
     // Shutdown stops the cluster and does not restart it.
-    let status = s
-        .terminate(Duration::from_secs(30))
-        .expect("exited in time");
-    assert!(status.success(), "{status}\n{}", s.log_text());
-    assert!(
-        postgres_processes_for(&data).is_empty(),
-        "{:?}",
-        postgres_processes_for(&data)
-    );
+    assert_stops_cleanly(&mut s, &data);
     let log = s.log_text();
     assert!(log.contains("embedded PostgreSQL stopped"), "{log}");
     assert_eq!(log.matches("was gone; restarted it").count(), 2, "{log}");

@@ -483,6 +483,20 @@ pub fn postgres_processes_for(path: &std::path::Path) -> Vec<String> {
         .collect()
 }
 
+/// SIGTERM: the server exits 0 within 30 s and leaves no PostgreSQL
+/// process of the cluster under `data` behind.
+pub fn assert_stops_cleanly(s: &mut TestServer, data: &Path) {
+    let status = s
+        .terminate(Duration::from_secs(30))
+        .expect("exited in time");
+    assert!(status.success(), "{status}\n{}", s.log_text());
+    assert!(
+        postgres_processes_for(data).is_empty(),
+        "{:?}",
+        postgres_processes_for(data)
+    );
+}
+
 /// Sums the metric lines that start with `prefix`.
 pub fn metric_sum(text: &str, prefix: &str) -> u64 {
     text.lines()
